@@ -1,0 +1,403 @@
+"""GPT-2 in Jittor, numerically equal to Hugging Face transformers' GPT2LMHeadModel.
+
+Module names follow the Hugging Face checkpoint keys (wte, wpe, h.N.ln_1, attn.c_attn,
+attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f), and the projections keep Hugging Face's
+Conv1D layout (weight is (in, out), y = x @ W + b), so a checkpoint loads as a straight
+copy with no transposes, and LoRA adapters in PEFT's format apply unchanged.
+
+    model = GPT.from_pretrained("gpt2")          # folder: config.json + model.safetensors
+    logits = model(idx)                          # (B, T, vocab)
+    logits, loss = model(idx, targets)           # targets[b, t] follows idx[b, t]; -100 = ignored
+    out = model.generate(idx, 20, attention_mask=mask)   # greedy, KV cache, left padding
+
+Model code only: no argument parsing, logging or plotting here.
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from jittor_env import jt
+from jittor import nn
+from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
+
+IGNORE_INDEX = -100  # targets with this value are left out of the loss (PyTorch / HF convention)
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12            # transformer blocks
+    n_head: int = 12             # attention heads per block
+    n_embd: int = 768            # model width; head size is n_embd // n_head
+    n_positions: int = 1024      # longest sequence the position table covers
+    vocab_size: int = 50257      # GPT-2's BPE vocabulary
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"   # the tanh approximation GPT-2 was trained with
+    resid_pdrop: float = 0.1     # dropout after attention / MLP output projections
+    embd_pdrop: float = 0.1      # dropout on token + position embeddings
+    attn_pdrop: float = 0.1      # dropout on attention probabilities
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @classmethod
+    def from_hf_config(cls, cfg, source="config.json"):
+        """Build from a Hugging Face GPT-2 config.json dict; errors name `source`."""
+        if cfg.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: activation_function {act!r} is not supported "
+                             f"(supported: {', '.join(ACTIVATIONS)})")
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in cfg.items() if k in known})
+        if config.n_embd % config.n_head:
+            raise ValueError(f"{source}: n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        return config
+
+    def to_hf_config(self):
+        """The config.json transformers writes for a GPT2LMHeadModel."""
+        cfg = {f.name: getattr(self, f.name) for f in fields(self)}
+        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
+                   n_inner=None, initializer_range=0.02, scale_attn_weights=True,
+                   tie_word_embeddings=True, use_cache=True)
+        return cfg
+
+
+# ----------------------------------------------------------------------------
+# Building blocks
+
+def gelu_new(x):
+    # GPT-2's tanh approximation of GELU (transformers' NewGELUActivation).
+    # x*x*x, not x**3: Jittor's pow is a slow generic kernel on CPU.
+    return 0.5 * x * (1.0 + jt.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+
+
+ACTIVATIONS = {"gelu_new": gelu_new, "gelu_pytorch_tanh": gelu_new,
+               "gelu": lambda x: 0.5 * x * (1.0 + jt.erf(x / math.sqrt(2.0))),
+               "relu": nn.relu}
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 'Conv1D': a linear layer whose weight is stored (in, out)."""
+
+    def __init__(self, nx, nf):
+        self.weight = jt.init.gauss((nx, nf), "float32", std=0.02)
+        self.bias = jt.zeros((nf,), "float32")
+
+    def execute(self, x):
+        # Flatten to 2-D: on CPU only 2-D matmuls go to oneDNN.
+        y = jt.matmul(x.reshape(-1, x.shape[-1]), self.weight) + self.bias
+        return y.reshape(*x.shape[:-1], self.weight.shape[1])
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with the centred variance E[(x - mean)^2], as PyTorch computes it.
+
+    (jittor.nn.LayerNorm uses E[x^2] - E[x]^2, which loses digits when |mean| >> std.)
+    """
+
+    def __init__(self, n, eps):
+        self.eps = eps
+        self.weight = jt.ones((n,), "float32")
+        self.bias = jt.zeros((n,), "float32")
+
+    def execute(self, x):
+        xc = x - x.mean(-1, keepdims=True)
+        var = (xc * xc).mean(-1, keepdims=True)
+        return xc / jt.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def causal_attention(q, k, v, key_mask, attn_drop):
+    """softmax(q k^T / sqrt(d) + mask) v with a causal mask and a key padding mask.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) where the last Tq keys are the queries' own
+    positions (Tk = cached + new). key_mask: (B, Tk) with 1 for real tokens, or None.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    att = jt.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
+    # query i (absolute position Tk - Tq + i) may look at keys j <= Tk - Tq + i
+    allowed = (jt.arange(Tk).reshape(1, Tk) <= jt.arange(Tq).reshape(Tq, 1) + (Tk - Tq))
+    allowed = allowed.reshape(1, 1, Tq, Tk)
+    if key_mask is not None:
+        allowed = allowed & (key_mask.reshape(B, 1, 1, Tk) > 0)
+    # Replace (not add) with the most negative float, as transformers does: a fully masked
+    # row (a left-padding query) then gets uniform weights instead of NaN.
+    att = jt.where(allowed, att, jt.float32(np.finfo(np.float32).min))
+    att = attn_drop(nn.softmax(att, dim=-1))
+    return jt.matmul(att, v)  # (B, H, Tq, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        self.n_head = config.n_head
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v fused, in this order
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def execute(self, x, key_mask=None, past=None):
+        B, T, C = x.shape
+        H = self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, D)
+        if past is not None:
+            k = jt.concat([past[0], k], dim=2)
+            v = jt.concat([past[1], v], dim=2)
+        y = causal_attention(q, k, v, key_mask, self.attn_dropout)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def execute(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def execute(self, x, key_mask=None, past=None):
+        a, present = self.attn(self.ln_1(x), key_mask, past)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wte.weight.assign(jt.init.gauss(self.wte.weight.shape, "float32", std=0.02))
+        self.wpe.weight.assign(jt.init.gauss(self.wpe.weight.shape, "float32", std=0.01))
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.eval()  # like transformers' from_pretrained: inference mode until train() is called
+
+    # Jittor's Module.train()/eval() also flip stop_grad on every parameter and later
+    # re-enable gradients on weights that were trainable when eval() first saw them, which
+    # silently unfreezes a frozen base model. Here they only switch dropout on and off;
+    # which parameters train is decided once, by whoever freezes them (see lora_models.py).
+    def train(self, mode=True):
+        for m in self.modules():
+            m.is_train = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # --- forward ---------------------------------------------------------------
+
+    def transformer(self, idx, attention_mask=None, past_key_values=None):
+        """Final hidden states (B, T, C) after ln_f, and the per-layer (k, v) cache.
+
+        attention_mask: (B, T_past + T), 1 = real token, 0 = padding (left or right).
+        With a mask, positions count real tokens only: position = cumsum(mask) - 1, as
+        Hugging Face generation does, so a left-padded row starts at position 0.
+        """
+        B, T = idx.shape
+        T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if T_past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {T_past + T} tokens is longer than the model's "
+                             f"n_positions={self.config.n_positions}")
+        if attention_mask is None:
+            pos = jt.arange(T_past, T_past + T).reshape(1, T)
+        else:
+            if tuple(attention_mask.shape) != (B, T_past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(B, T_past + T)} (past + new tokens)")
+            attention_mask = attention_mask.int32()
+            pos = jt.cumsum(attention_mask, dim=1) - 1
+            pos = jt.where(attention_mask > 0, pos, jt.int32(1))[:, T_past:]  # pads: any valid index
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        presents = []
+        for i, block in enumerate(self.h):
+            x, present = block(x, attention_mask, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        return self.ln_f(x), presents
+
+    def lm_head(self, h):
+        """Logits from hidden states: the head is tied to the token embedding (wte)."""
+        flat = h.reshape(-1, h.shape[-1])
+        return jt.matmul(flat, self.wte.weight.transpose(1, 0)).reshape(*h.shape[:-1], -1)
+
+    def execute(self, idx, targets=None, attention_mask=None):
+        """Logits (B, T, vocab); with targets, (logits, loss).
+
+        targets[b, t] is the token that follows idx[b, t]; IGNORE_INDEX (-100) positions
+        do not count; the loss is the mean cross-entropy over the others. With targets,
+        the returned logits cover only the supervised positions, (N, vocab) in row-major
+        (b, t) order: the vocab projection is the largest matmul of the model and
+        answer-only training supervises a few tokens per row, so we skip the rest.
+        """
+        h, _ = self.transformer(idx, attention_mask)
+        if targets is None:
+            return self.lm_head(h)
+        flat_targets = targets.reshape(-1)
+        keep = jt.where(flat_targets != IGNORE_INDEX)[0]
+        logits = self.lm_head(h.reshape(-1, h.shape[-1])[keep])
+        return logits, cross_entropy(logits, flat_targets[keep])
+
+    # --- generation ------------------------------------------------------------
+
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                 eos_token_id=None, attention_mask=None, seed=None):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens.
+
+        Greedy when temperature == 0, otherwise sampling (optionally top-k / nucleus top-p).
+        Prompts of different lengths are LEFT-padded with attention_mask marking real
+        tokens. Keys and values are cached, so each new token costs one position. A row
+        that produced eos_token_id is finished and padded with eos_token_id from then on;
+        generation stops when every row is finished. Returns (B, T + n_new) as numpy.
+        """
+        idx = jt.array(idx) if not isinstance(idx, jt.Var) else idx
+        B, T = idx.shape
+        if attention_mask is not None:
+            attention_mask = jt.array(attention_mask) if not isinstance(attention_mask, jt.Var) else attention_mask
+            if (attention_mask[:, -1] == 0).any().item():
+                raise ValueError("generate() needs LEFT-padded prompts: the last column of "
+                                 "attention_mask must be 1 for every row")
+        rng = np.random.default_rng(seed)
+        out = [idx.numpy()]
+        done = np.zeros(B, dtype=bool)
+        past, mask, step_in = None, attention_mask, idx
+        with jt.no_grad():
+            for step in range(max_new_tokens):
+                h, past = self.transformer(step_in, mask, past)
+                logits = self.lm_head(h[:, -1]).numpy().astype(np.float64)  # (B, vocab)
+                nxt = pick_next_token(logits, temperature, top_k, top_p, rng)
+                if eos_token_id is not None:
+                    nxt = np.where(done, eos_token_id, nxt)
+                    done |= nxt == eos_token_id
+                out.append(nxt[:, None])
+                if done.all():
+                    break
+                step_in = jt.array(nxt[:, None].astype(np.int32))
+                if mask is not None:
+                    mask = jt.concat([mask, jt.ones((B, 1), mask.dtype)], dim=1)
+        return np.concatenate(out, axis=1)
+
+    # --- checkpoints -----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load a Hugging Face GPT-2 folder: config.json + model.safetensors (or pytorch_model.bin).
+
+        Accepts GPT2Model keys (h.0...) and GPT2LMHeadModel keys (transformer.h.0...). The
+        key set and every shape are checked; anything missing, unexpected or mis-shaped
+        raises an error that names it.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such model folder (expected config.json + model.safetensors)")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: missing; a GPT-2 folder needs config.json")
+        try:
+            config = GPTConfig.from_hf_config(json.loads(config_file.read_text()), source=config_file)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        state, source = read_hf_weights(path)
+        model = cls(config)
+        model.load_hf_state_dict(state, source)
+        return model
+
+    def load_hf_state_dict(self, state, source="state dict"):
+        """Copy Hugging Face GPT-2 tensors {name: np.ndarray} into the model, strictly."""
+        state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.endswith(HF_IGNORED_SUFFIXES)}
+        own = self.hf_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{source}: does not match a GPT-2 with n_layer={self.config.n_layer}: "
+                             f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                             f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        for name, param in own.items():
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(param.shape)} from config.json")
+        for name, param in own.items():
+            param.assign(jt.array(np.ascontiguousarray(state[name], dtype=np.float32)))
+
+    def hf_state_dict(self):
+        """{Hugging Face GPT2Model key: parameter} for the base GPT-2 weights."""
+        return {k: v for k, v in self.state_dict().items() if "lora_" not in k}
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
+        path = Path(path)
+        tensors = {"transformer." + k: v.numpy() for k, v in self.hf_state_dict().items()}
+        atomic_save_safetensors(path / "model.safetensors", tensors, metadata={"format": "pt"})
+        atomic_write_json(path / "config.json", self.config.to_hf_config())
+
+
+# Buffers in Hugging Face checkpoints that are not weights, and the tied LM head.
+HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+def read_hf_weights(path):
+    """{name: np.ndarray} from model.safetensors (no torch needed) or pytorch_model.bin."""
+    st, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
+    if st.is_file():
+        return load_safetensors(st), st
+    if bin_file.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise RuntimeError(f"{bin_file}: reading .bin weights needs PyTorch (pip install torch), "
+                               f"or convert the checkpoint to model.safetensors") from None
+        try:
+            # weights_only=True: a .bin is a pickle; never run code from a downloaded file.
+            sd = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{bin_file}: cannot be read as PyTorch weights ({e})") from None
+        return {k: v.float().numpy() for k, v in sd.items()}, bin_file
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of logits (N, V) against class indices (N,), with a stable log-sum-exp."""
+    m = logits.max(1, keepdims=True)
+    lse = (logits - m).exp().sum(1).log() + m.reshape(-1)
+    picked = logits.reindex([logits.shape[0]], ["i0", f"@e0(i0)"], extras=[targets])
+    return (lse - picked).mean()
+
+
+def pick_next_token(logits, temperature, top_k, top_p, rng):
+    """Next token per row from float64 logits (B, V): argmax, or a sample."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if top_p is not None:
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        order = np.argsort(-probs, axis=-1)
+        sorted_p = np.take_along_axis(probs, order, -1)
+        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= top_p  # the first token always stays
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])

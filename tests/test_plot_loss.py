@@ -1,0 +1,135 @@
+"""plot_loss.py: loss-file parsing, the PNG it writes, and its error messages.
+
+    .venv/bin/python -m pytest tests/test_plot_loss.py
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plot_loss import plot_runs, read_loss_file, smooth_ema
+
+REPO = Path(__file__).resolve().parents[1]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root, name, n=40, val_every=10, header=True):
+    d = root / name
+    d.mkdir()
+    head = "# step\tloss\n" if header else ""
+    (d / "train_loss.txt").write_text(head + "".join(f"{s}\t{3.0 / s ** 0.3:.4f}\n" for s in range(1, n + 1)))
+    if val_every:
+        (d / "val_loss.txt").write_text(
+            head + "".join(f"{s}\t{3.2 / s ** 0.3:.4f}\n" for s in range(val_every, n + 1, val_every)))
+    return d
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "plot_loss.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert 10_000 < len(data) < 5_000_000  # a real plot, not an empty canvas
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width >= 600 and height >= 400
+
+
+# ----------------------------------------------------------------------------
+# Parsing
+
+def test_read_two_columns_header_blank(tmp_path):
+    f = tmp_path / "train_loss.txt"
+    f.write_text("# step\tloss\n\n10\t2.5\n  \n20\t2.25\r\n30 2.0\n")
+    assert read_loss_file(f) == ([10, 20, 30], [2.5, 2.25, 2.0])
+
+
+def test_read_single_column_uses_data_line_index(tmp_path):
+    f = tmp_path / "train_loss.txt"
+    f.write_text("# old seed format\n3.5\n\n3.0\n2.5\n")
+    assert read_loss_file(f) == ([1, 2, 3], [3.5, 3.0, 2.5])
+
+
+def test_read_empty_file(tmp_path):
+    f = tmp_path / "val_loss.txt"
+    f.write_text("# step\tloss\n")
+    assert read_loss_file(f) == ([], [])
+
+
+@pytest.mark.parametrize("bad", ["10\tabc", "1.5\t2.0", "1\t2\t3", "loss"])
+def test_read_malformed_names_file_and_line(tmp_path, bad):
+    f = tmp_path / "train_loss.txt"
+    f.write_text(f"# header\n1\t2.0\n{bad}\n")
+    with pytest.raises(ValueError, match=rf"train_loss.txt:3: .*{bad.split()[0]}"):
+        read_loss_file(f)
+
+
+def test_smooth_ema_bias_correction():
+    # constant input must stay constant: the bias correction removes the pull towards 0
+    assert smooth_ema([2.0] * 5, 0.9) == pytest.approx([2.0] * 5)
+    # by hand: ema1 = 0.1*1 -> /0.1 = 1; ema2 = 0.09 + 0.1*3 = 0.39 -> /0.19
+    assert smooth_ema([1.0, 3.0], 0.9) == pytest.approx([1.0, 0.39 / 0.19])
+    assert smooth_ema([1.0, float("nan"), 1.0], 0.5) == pytest.approx([1.0, 1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------
+# Drawing
+
+def test_cli_two_runs_png(tmp_path):
+    a = make_run(tmp_path, "run_a")
+    b = make_run(tmp_path, "run_b", n=30, val_every=0, header=False)  # no val_loss.txt
+    out = tmp_path / "plots" / "curves.png"
+    r = run_cli(a, b, "-o", out, "--smooth", "0.8", "--title", "test", "--labels", "A,B")
+    assert r.returncode == 0, r.stderr
+    assert_png(out)
+    assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary behind
+
+
+def test_plot_runs_function(tmp_path):
+    a = make_run(tmp_path, "run_a")
+    out = plot_runs([a], tmp_path / "c.png", smooth=0.0)
+    assert_png(out)
+
+
+def test_plot_runs_svg(tmp_path):
+    out = plot_runs([make_run(tmp_path, "run_a")], tmp_path / "c.svg")
+    assert out.read_text().lstrip().startswith("<?xml")
+
+
+# ----------------------------------------------------------------------------
+# Errors: exit 2, a message naming the culprit, no traceback
+
+def assert_fails(r, *needles):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert str(needle) in r.stderr, r.stderr
+
+
+def test_cli_missing_run_dir(tmp_path):
+    assert_fails(run_cli(tmp_path / "nope", "-o", tmp_path / "c.png"), tmp_path / "nope", "not found")
+
+
+def test_cli_run_dir_without_train_loss(tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    assert_fails(run_cli(tmp_path / "empty_run", "-o", tmp_path / "c.png"),
+                 tmp_path / "empty_run" / "train_loss.txt", "not found")
+
+
+def test_cli_malformed_line(tmp_path):
+    d = make_run(tmp_path, "run_a")
+    (d / "val_loss.txt").write_text("# step\tloss\n10\t2.0\n20\toops\n")
+    r = run_cli(d, "-o", tmp_path / "c.png")
+    assert_fails(r, f"{d / 'val_loss.txt'}:3", "oops")
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_cli_bad_options(tmp_path):
+    d = make_run(tmp_path, "run_a")
+    assert_fails(run_cli(d, "-o", tmp_path / "c.png", "--labels", "x,y"), "2 labels for 1 run")
+    assert_fails(run_cli(d, "-o", tmp_path / "c.png", "--smooth", "1"), "--smooth")
+    assert_fails(run_cli(d, "-o", tmp_path / "c.xyz"), "c.xyz", "unsupported")
