@@ -20,6 +20,8 @@ CONFIGS = {
     # initializer_range 0.2 (GPT-2 uses 0.02): a random model with small weights repeats
     # one token forever, which would make the generation tests trivially pass.
     "tiny": dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=50257, initializer_range=0.2),
+    # the same with GPT-2's own initializer_range: logits of GPT-2-like size (|logit| ~ 1)
+    "tiny-gpt2init": dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=50257),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
 }
 

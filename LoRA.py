@@ -1,0 +1,121 @@
+"""LoRA (Hu et al., 2021) for GPT-2's Conv1D projections, numerically identical to PEFT.
+
+      x ──► W (frozen, (in, out)) ──────────────────┐
+      │                                             (+) ──► y = x W + b + scaling · B A x
+      └─► dropout ─► A (r, in) ─► B (out, r) ─► ·scaling
+
+- A starts kaiming-uniform with a = sqrt(5) (PEFT's default, bound 1/sqrt(in)) or gaussian
+  N(0, (1/r)^2) (PEFT's "gaussian", the seed's choice); B starts at zero, so training
+  starts from exactly the base model.
+- scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
+- A and B are stored exactly as PEFT stores lora_A.weight / lora_B.weight, so adapters move
+  between PEFT and us without conversion.
+- enable=(True, False, True) on the fused c_attn gives q and v their own rank-r adapter and
+  k none (loralib's MergedLinear enable_lora, the seed's qv_only): A is (r*k, in) for k
+  enabled slices, B holds k blocks of (out/3, r). B_full() is the equivalent (out, r*k)
+  block matrix, which is also how such an adapter is expressed in PEFT's format.
+- merge() folds scaling * (B A)^T into W; unmerge() takes it out. Both are idempotent, and
+  nothing merges as a side effect of eval() (a loralib pitfall).
+"""
+import math
+from dataclasses import dataclass, field
+
+from jittor_env import jt
+from jittor import nn
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8                    # rank; 0 = no adapter
+    alpha: float = 16             # scaling numerator (PEFT: lora_alpha)
+    dropout: float = 0.1          # dropout on the adapter's input (PEFT: lora_dropout)
+    target_modules: tuple = ("c_attn", "c_proj", "c_fc")  # PEFT's suffix rule: "c_proj" = both c_proj
+    init: str = "kaiming"         # "kaiming" (PEFT default) or "gaussian" (the seed's)
+    use_rslora: bool = False      # scaling alpha / sqrt(r) instead of alpha / r
+    qkv: tuple = (True, True, True)  # which of c_attn's q, k, v slices get an adapter
+    rank_pattern: dict = field(default_factory=dict)   # PEFT: per-module r, by name suffix
+    alpha_pattern: dict = field(default_factory=dict)  # PEFT: per-module alpha, by name suffix
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        self.target_modules, self.qkv = tuple(self.target_modules), tuple(bool(q) for q in self.qkv)
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', not {self.init!r}")
+        if self.r < 0 or len(self.qkv) != 3 or not any(self.qkv):
+            raise ValueError(f"bad LoRA config: r={self.r} (must be >= 0), qkv={self.qkv} (3 flags, one True)")
+
+
+def lora_scaling(alpha, r, use_rslora):
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+class LoRALinear(nn.Module):
+    """A frozen GPT-2 Conv1D projection plus a trainable low-rank update (see module doc)."""
+
+    def __init__(self, base, r=8, alpha=16, dropout=0.0, init="kaiming", use_rslora=False, enable=None):
+        # Keep the base Conv1D's weight/bias under the same names, so the base key set
+        # (and GPT.hf_state_dict) is unchanged by wrapping.
+        self.weight, self.bias = base.weight, base.bias
+        in_features, out_features = self.weight.shape
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.enable = tuple(enable) if enable is not None and not all(enable) else None
+        self.merged = False
+        self.lora_dropout = nn.Dropout(dropout)
+        if r == 0:
+            return
+        k = sum(self.enable) if self.enable else 1
+        if self.enable and out_features % len(self.enable):
+            raise ValueError(f"cannot split {out_features} outputs into {len(self.enable)} equal slices")
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        if init == "kaiming":   # torch kaiming_uniform_(a=sqrt(5)) on (r, in): bound = 1/sqrt(in)
+            bound = 1.0 / math.sqrt(in_features)
+            self.lora_A = jt.init.uniform((r * k, in_features), "float32", -bound, bound)
+        else:                   # PEFT "gaussian": normal with std 1/r
+            self.lora_A = jt.init.gauss((r * k, in_features), "float32", std=1.0 / r)
+        b_rows = out_features // len(self.enable) * k if self.enable else out_features
+        self.lora_B = jt.zeros((b_rows, r), "float32")
+
+    def B_full(self):
+        """B as one (out, r*k) matrix: for sliced adapters, block i of B sits in the rows of
+        enabled slice i and the columns of that slice's rank-r piece of A; zeros elsewhere."""
+        if not self.enable:
+            return self.lora_B
+        out_features, r, k = self.weight.shape[1], self.r, sum(self.enable)
+        d = out_features // len(self.enable)
+        rows, i = [], 0
+        for on in self.enable:
+            if on:
+                block = self.lora_B[i * d:(i + 1) * d]
+                parts = ([jt.zeros((d, r * i))] if i else []) + [block] + \
+                        ([jt.zeros((d, r * (k - i - 1)))] if i < k - 1 else [])
+                rows.append(jt.concat(parts, dim=1) if len(parts) > 1 else block)
+                i += 1
+            else:
+                rows.append(jt.zeros((d, r * k)))
+        return jt.concat(rows, dim=0)
+
+    def delta_weight(self):
+        """scaling * (B A)^T in the Conv1D layout (in, out)."""
+        return jt.matmul(self.B_full(), self.lora_A).transpose(1, 0) * self.scaling
+
+    def execute(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # 2-D matmuls: the ones oneDNN runs on CPU
+        y = jt.matmul(x2, self.weight) + self.bias
+        if self.r and not self.merged:
+            after_a = jt.matmul(self.lora_dropout(x2), self.lora_A.transpose(1, 0))
+            y = y + jt.matmul(after_a, self.B_full().transpose(1, 0)) * self.scaling
+        return y.reshape(*shape[:-1], self.weight.shape[1])
+
+    def merge(self):
+        if self.r and not self.merged:
+            with jt.no_grad():
+                self.weight.update((self.weight + self.delta_weight()).detach())
+            self.merged = True
+
+    def unmerge(self):
+        if self.r and self.merged:
+            with jt.no_grad():
+                self.weight.update((self.weight - self.delta_weight()).detach())
+            self.merged = False
