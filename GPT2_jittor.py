@@ -21,6 +21,7 @@ import numpy as np
 
 from jittor_env import jt
 from jittor import nn
+import cpu_kernels
 from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
 
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (PyTorch / HF convention)
@@ -38,6 +39,7 @@ class GPTConfig:
     resid_pdrop: float = 0.1     # dropout after attention / MLP output projections
     embd_pdrop: float = 0.1      # dropout on token + position embeddings
     attn_pdrop: float = 0.1      # dropout on attention probabilities
+    initializer_range: float = 0.02  # std of the random init (weights are usually loaded instead)
     bos_token_id: int = 50256
     eos_token_id: int = 50256
 
@@ -60,7 +62,7 @@ class GPTConfig:
         """The config.json transformers writes for a GPT2LMHeadModel."""
         cfg = {f.name: getattr(self, f.name) for f in fields(self)}
         cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
-                   n_inner=None, initializer_range=0.02, scale_attn_weights=True,
+                   n_inner=None, scale_attn_weights=True,
                    tie_word_embeddings=True, use_cache=True)
         return cfg
 
@@ -71,7 +73,11 @@ class GPTConfig:
 def gelu_new(x):
     # GPT-2's tanh approximation of GELU (transformers' NewGELUActivation).
     # x*x*x, not x**3: Jittor's pow is a slow generic kernel on CPU.
-    return 0.5 * x * (1.0 + jt.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+    # The clamp changes no float32 value (tanh(15) rounds to 1) but keeps Jittor's tanh
+    # gradient finite: it returns NaN for inputs below about -90, which a large negative
+    # pre-activation reaches after some training steps.
+    u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
+    return 0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0)))
 
 
 ACTIVATIONS = {"gelu_new": gelu_new, "gelu_pytorch_tanh": gelu_new,
@@ -82,8 +88,8 @@ ACTIVATIONS = {"gelu_new": gelu_new, "gelu_pytorch_tanh": gelu_new,
 class Conv1D(nn.Module):
     """Hugging Face's GPT-2 'Conv1D': a linear layer whose weight is stored (in, out)."""
 
-    def __init__(self, nx, nf):
-        self.weight = jt.init.gauss((nx, nf), "float32", std=0.02)
+    def __init__(self, nx, nf, std=0.02):
+        self.weight = jt.init.gauss((nx, nf), "float32", std=std)
         self.bias = jt.zeros((nf,), "float32")
 
     def execute(self, x):
@@ -133,28 +139,40 @@ def causal_attention(q, k, v, key_mask, attn_drop):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         self.n_head = config.n_head
-        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v fused, in this order
-        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        std = config.initializer_range
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd, std)  # q, k, v fused, in this order
+        self.c_proj = Conv1D(config.n_embd, config.n_embd, std)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def execute(self, x, key_mask=None, past=None):
         B, T, C = x.shape
         H = self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, D)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.split(C, dim=2)
+        # The cache is (B, H, T, D). Jittor is lazy: in training nothing reads it, so it is never built.
+        q, k, v = (t.reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for t in (q, k, v))
         if past is not None:
             k = jt.concat([past[0], k], dim=2)
             v = jt.concat([past[1], v], dim=2)
-        y = causal_attention(q, k, v, key_mask, self.attn_dropout)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        p_drop = self.attn_dropout.p if self.attn_dropout.is_train else 0.0
+        # One fused C++ kernel per (batch, head), matmuls in oneDNN (see cpu_kernels.py):
+        # the 4-D jt.matmul of causal_attention runs as generic loops on CPU, measured at
+        # ~50% of a GPT-2 124M training step.
+        if cpu_kernels.available() and past is None:
+            y = cpu_kernels.packed_causal_attention(qkv, key_mask, H, p_drop)
+        elif cpu_kernels.available() and p_drop == 0.0:
+            y = cpu_kernels.cached_attention(qkv, k, v, key_mask, H)
+        else:
+            y = causal_attention(q, k, v, key_mask, self.attn_dropout)
+            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
 class MLP(nn.Module):
     def __init__(self, config):
-        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
+        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd, config.initializer_range)
+        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd, config.initializer_range)
         self.act = ACTIVATIONS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -184,7 +202,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.wte.weight.assign(jt.init.gauss(self.wte.weight.shape, "float32", std=0.02))
+        self.wte.weight.assign(jt.init.gauss(self.wte.weight.shape, "float32", std=config.initializer_range))
         self.wpe.weight.assign(jt.init.gauss(self.wpe.weight.shape, "float32", std=0.01))
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])

@@ -94,6 +94,10 @@ def prepare():
     return use_gpu
 
 
+# oneDNN switches the CPU to flush-denormals-to-zero; numpy's finfo then warns that "the
+# smallest subnormal is zero" the first time it is asked. Harmless for float32 training.
+warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
+
 _use_gpu = prepare()
 import jittor as jt  # noqa: E402  (must follow prepare())
 

@@ -126,6 +126,25 @@ def download_gpt2(dest="gpt2", repo_id="gpt2"):
     return dest
 
 
+def ensure_gpt2(path="gpt2"):
+    """Path of a GPT-2 folder (one with config.json), downloaded first if it is the default `gpt2`.
+
+    Only a folder named `gpt2` is downloaded: any other path is the user's own checkpoint,
+    and fetching GPT-2 in its place would silently run the wrong model. A `gpt2` folder
+    without config.json counts as missing: a failed download leaves one behind.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if path.name == "gpt2" and (path.is_dir() or not path.exists()):
+        return download_gpt2(path)
+    what = "has no config.json" if path.is_dir() else "is not a folder" if path.exists() else "no such folder"
+    raise FileNotFoundError(
+        f"{path}: {what}; expected a GPT-2 checkpoint folder (config.json + model.safetensors). "
+        f"No GPT-2 weights here? `make demo` (train_default_lora.py --demo) runs the pipeline on a "
+        f"random-initialised model instead.")
+
+
 # ----------------------------------------------------------------------------
 # The official SQuAD v1.1 metric, with the semantics of evaluate-v1.1.py: the
 # published dev numbers are only comparable if every detail (normalisation order,

@@ -203,3 +203,18 @@ def test_download_offline_error_says_what_to_do(tmp_path):
     print("\n" + r.stderr.strip().splitlines()[-1])
     assert r.returncode != 0
     assert "could not download GPT-2 'gpt2'" in r.stderr and "--demo" in r.stderr
+
+
+def test_gelu_matches_torch_with_finite_gradients():
+    """Jittor's tanh has a NaN gradient below about -90; gelu_new must not inherit it."""
+    from GPT2_jittor import gelu_new
+    xs = np.array([-1e4, -300, -100, -20, -3, -0.5, 0, 0.5, 3, 20, 100, 300], np.float32)
+    x = jt.array(xs)
+    y = gelu_new(x)
+    g = jt.grad(y.sum(), x).numpy()
+    tx = torch.tensor(xs, requires_grad=True)
+    ty = torch.nn.functional.gelu(tx, approximate="tanh")
+    ty.sum().backward()
+    dy, dg = np.abs(y.numpy() - ty.detach().numpy()).max(), np.abs(g - tx.grad.numpy()).max()
+    print(f"\ngelu_new vs torch gelu(tanh): max |y diff| = {dy:.2e}, max |grad diff| = {dg:.2e}")
+    assert np.isfinite(g).all() and dy <= 1e-5 and dg <= 1e-5

@@ -1,0 +1,142 @@
+"""train_default_lora.py: outputs, resume equality, errors, schedule, accumulation."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gpt2_lora_dataset import load_squad_json
+from train_default_lora import TrainConfig, learning_rate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
+
+
+@pytest.fixture(scope="module")
+def split_files(tmp_path_factory):
+    """The project's sample file split by article into a train and a held-out file."""
+    d = tmp_path_factory.mktemp("data")
+    raw = json.loads((ROOT / "data" / "squad_sample.json").read_text())
+    for name, articles in (("train", raw["data"][:4]), ("eval", raw["data"][4:])):
+        (d / f"{name}.json").write_text(json.dumps({"version": "1.1", "data": articles}))
+    return d / "train.json", d / "eval.json"
+
+
+def tiny_cfg(split_files, out, **kw):
+    train_file, eval_file = split_files
+    base = dict(random_base=TINY, train_file=str(train_file), eval_file=str(eval_file), output_dir=str(out),
+                max_length=192, batch_size=4, epochs=2, max_steps=9, eval_interval=3, save_interval=3,
+                eval_examples=8, gen_eval_examples=0, lr=3e-3, warmup_steps=2, keep_checkpoints=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def adapter_tensors(out):
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def test_outputs_and_logs(split_files, tmp_path):
+    out = train(tiny_cfg(split_files, tmp_path / "run", gen_eval_examples=4, train_gen_eval_examples=4), progress=False)
+    names = {p.name for p in out.iterdir()}
+    for expected in ("config.json", "train_loss.txt", "val_loss.txt", "metrics.jsonl", "adapter", "base_model",
+                     "predictions.json", "predictions_train.json", "scores.json", "curves.png",
+                     "checkpoint-000003", "checkpoint-000006", "checkpoint-000009"):
+        assert expected in names, expected
+    steps = [int(l.split()[0]) for l in (out / "train_loss.txt").read_text().splitlines()]
+    assert steps == list(range(1, 10))
+    assert [int(l.split()[0]) for l in (out / "val_loss.txt").read_text().splitlines()] == [3, 6, 9]
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(rec) >= {"step", "loss", "lr", "tokens_per_s", "elapsed_s"}
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["heldout"]["questions"] == 4 and 0 <= scores["heldout"]["f1"] <= 100
+    assert len(json.loads((out / "predictions.json").read_text())) == 4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["r"] == 8 and cfg["alpha"] == 16 and cfg["targets"] == "c_attn,c_proj,c_fc"
+    peft_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA" and peft_cfg["r"] == 8
+    assert not list(out.glob(".tmp-*")), "a temporary checkpoint folder was left behind"
+
+
+@pytest.mark.parametrize("stop_after", [3, 5])  # right after a save, and between saves (a crash)
+def test_resume_ends_with_the_same_adapter(split_files, tmp_path, stop_after):
+    # Dropout on, so the resumed run must also reproduce the random masks.
+    full = train(tiny_cfg(split_files, tmp_path / "full", dropout=0.1), progress=False)
+    cfg = tiny_cfg(split_files, tmp_path / "resumed", dropout=0.1)
+    train(cfg, stop_after=stop_after, progress=False)
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    train(cfg, resume=True, progress=False)
+    a, b = adapter_tensors(full), adapter_tensors(tmp_path / "resumed")
+    diff = max(np.abs(a[k] - b[k]).max() for k in a)
+    print(f"\nresume after step {stop_after}: max |adapter difference| vs uninterrupted run = {diff:.1e}")
+    assert a.keys() == b.keys() and diff == 0
+    assert (full / "train_loss.txt").read_text() == (tmp_path / "resumed" / "train_loss.txt").read_text()
+    assert (full / "val_loss.txt").read_text() == (tmp_path / "resumed" / "val_loss.txt").read_text()
+
+
+def test_resume_refuses_other_settings_and_fresh_run_refuses_old_checkpoints(split_files, tmp_path):
+    cfg = tiny_cfg(split_files, tmp_path / "run", max_steps=3)
+    train(cfg, progress=False)
+    with pytest.raises(SystemExit, match=r"--resume with different settings \(lr: 0.003 -> 0.01\)"):
+        train(replace(cfg, lr=0.01), resume=True, progress=False)
+    with pytest.raises(SystemExit, match="already holds checkpoints: pass --resume"):
+        train(cfg, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(split_files, tmp_path):
+    cfg = tiny_cfg(split_files, tmp_path / "run", lr=1e9, clip=0.0, warmup_steps=0, max_steps=30,
+                   save_interval=1, epochs=10)
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step (\d+).*The last good checkpoint is .*checkpoint-") as e:
+        train(cfg, progress=False)
+    print(f"\n{e.value}")
+    ckpts = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert ckpts and all((c / "adapter_model.safetensors").is_file() for c in ckpts)
+
+
+def test_grad_accumulation_keeps_adamw_bias_correction(split_files, tmp_path):
+    """Jittor counts backward() calls as optimizer steps; with 2 micro-batches per step the
+    first AdamW update must still be lr * g / (|g| + eps) ~ lr per element (B starts at 0)."""
+    cfg = tiny_cfg(split_files, tmp_path / "run", grad_accum=2, batch_size=2, max_steps=1, warmup_steps=0,
+                   schedule="constant", lr=1e-3, eval_interval=1, save_interval=1)
+    out = train(cfg, progress=False)
+    b = [v for k, v in adapter_tensors(out).items() if "c_fc.lora_B" in k][0]
+    moved = np.abs(b[np.abs(b) > 0])
+    print(f"\nfirst step with grad_accum=2: |delta B| median {np.median(moved):.6f} (lr 1e-3)")
+    assert abs(np.median(moved) - 1e-3) < 1e-5
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, schedule="cosine")
+    lrs = [learning_rate(s, cfg, 20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.01
+    lin = TrainConfig(lr=1.0, warmup_steps=0, schedule="linear")
+    assert learning_rate(5, lin, 10) == 0.5
+    assert learning_rate(7, TrainConfig(lr=2.0, schedule="constant"), 10) == 2.0
+
+
+def test_cli_help_and_bad_train_file(tmp_path):
+    r = subprocess.run([sys.executable, "train_default_lora.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--grad-accum" in r.stdout and "--resume" in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = subprocess.run([sys.executable, "train_default_lora.py", "--random-base", TINY, "--train-file", str(bad),
+                        "--eval-file", str(bad), "--output-dir", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    print("\n" + r.stderr.strip().splitlines()[-1])
+    assert r.returncode != 0 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_trains_end_to_end(split_files, tmp_path):
+    train_file, eval_file = split_files
+    r = subprocess.run([sys.executable, "train_default_lora.py", "--random-base", TINY, "--train-file", str(train_file),
+                        "--eval-file", str(eval_file), "--output-dir", str(tmp_path / "o"), "--max-steps", "3",
+                        "--eval-interval", "2", "--eval-examples", "4", "--gen-eval-examples", "2",
+                        "--max-length", "192", "--qv-only"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RANDOM-initialised" in r.stderr and "heldout SQuAD EM" in r.stderr
+    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
