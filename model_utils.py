@@ -121,8 +121,8 @@ def download_gpt2(dest="gpt2", repo_id="gpt2"):
         raise RuntimeError(
             f"could not download GPT-2 '{repo_id}' into {dest}/ ({type(e).__name__}: {e}).\n"
             f"No internet access? Copy a GPT-2 checkpoint folder there by hand "
-            f"({', '.join(GPT2_FILES)}), point --model at one, or use --demo, which needs "
-            f"no download.") from None
+            f"({', '.join(GPT2_FILES)}), point --model at one, or run the offline demo "
+            f"(`make demo`, or train_default_lora.py --demo), which needs no download.") from None
     return dest
 
 

@@ -310,6 +310,8 @@ def train(cfg, resume=False, stop_after=None, progress=True):
     from model_utils import atomic_write_json, load_tokenizer
 
     out = Path(cfg.output_dir)
+    if cfg.demo and not resume and out == Path(DEMO_OVERRIDES["output_dir"]) and out.exists():
+        shutil.rmtree(out)  # `make demo` twice: the demo always starts afresh in its own folder
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg):
@@ -353,6 +355,8 @@ def train(cfg, resume=False, stop_after=None, progress=True):
         else:
             truncate_log(out / name, step, is_json=name.endswith(".jsonl"))
 
+    if step == 0:  # the starting point of the held-out curve
+        append_line(out / "val_loss.txt", f"0\t{evaluate_loss(model, eval_batches):.6f}")
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     t_start, tokens_seen, loss_ema = time.time(), 0, None

@@ -48,7 +48,7 @@ def test_outputs_and_logs(split_files, tmp_path):
         assert expected in names, expected
     steps = [int(l.split()[0]) for l in (out / "train_loss.txt").read_text().splitlines()]
     assert steps == list(range(1, 10))
-    assert [int(l.split()[0]) for l in (out / "val_loss.txt").read_text().splitlines()] == [3, 6, 9]
+    assert [int(l.split()[0]) for l in (out / "val_loss.txt").read_text().splitlines()] == [0, 3, 6, 9]
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(rec) >= {"step", "loss", "lr", "tokens_per_s", "elapsed_s"}
     scores = json.loads((out / "scores.json").read_text())
