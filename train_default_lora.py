@@ -111,9 +111,9 @@ HELP = {
 # initializer_range 0.1 instead of GPT-2's 0.02: with the frozen random embeddings of a
 # 0.02 init, the tied LM head cannot produce confident logits and the loss stays near ln(V).
 DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512,initializer_range=0.1",
-                      train_file="data/squad_sample.json", output_dir="checkpoints/demo", r=16, alpha=32,
-                      lr=1e-2, epochs=20, batch_size=8, warmup_steps=5, max_length=256,
-                      eval_interval=10, save_interval=25, eval_examples=64, gen_eval_examples=16,
+                      train_file="data/squad_sample.json", output_dir="checkpoints/demo", r=32, alpha=64,
+                      dropout=0.0, lr=5e-3, epochs=40, batch_size=8, warmup_steps=10, max_length=256,
+                      eval_interval=20, save_interval=60, eval_examples=64, gen_eval_examples=16,
                       train_gen_eval_examples=16, max_new_tokens=12)
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
                      "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens"}
