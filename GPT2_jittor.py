@@ -10,6 +10,11 @@ copy with no transposes, and LoRA adapters in PEFT's format apply unchanged.
     logits, loss = model(idx, targets)           # targets[b, t] follows idx[b, t]; -100 = ignored
     out = model.generate(idx, 20, attention_mask=mask)   # greedy, KV cache, left padding
 
+On CPU with oneDNN, the heavy parts run as fused kernels from cpu_kernels.py (attention,
+projections with LoRA, LayerNorm, GELU, dropout; same formulas, faster): with targets and
+an attention mask, only the real tokens are computed (packed, no padding), and generate()
+keeps its KV cache in place. Without those kernels the plain Jittor code below runs.
+
 Model code only: no argument parsing, logging or plotting here.
 """
 import json
@@ -76,6 +81,8 @@ def gelu_new(x):
     # The clamp changes no float32 value (tanh(15) rounds to 1) but keeps Jittor's tanh
     # gradient finite: it returns NaN for inputs below about -90, which a large negative
     # pre-activation reaches after some training steps.
+    if cpu_kernels.available() and x.dtype == "float32":
+        return cpu_kernels.gelu_tanh(x)  # the same formula, multi-threaded, one pass each way
     u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
     return 0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0)))
 
@@ -93,8 +100,8 @@ class Conv1D(nn.Module):
         self.bias = jt.zeros((nf,), "float32")
 
     def execute(self, x):
-        # Flatten to 2-D: on CPU only 2-D matmuls go to oneDNN.
-        y = jt.matmul(x.reshape(-1, x.shape[-1]), self.weight) + self.bias
+        # Flatten to 2-D: on CPU only 2-D matmuls go to oneDNN (see cpu_kernels.linear).
+        y = cpu_kernels.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.weight.shape[1])
 
 
@@ -110,6 +117,8 @@ class LayerNorm(nn.Module):
         self.bias = jt.zeros((n,), "float32")
 
     def execute(self, x):
+        if cpu_kernels.available() and x.dtype == "float32":
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)  # same formula, one pass
         xc = x - x.mean(-1, keepdims=True)
         var = (xc * xc).mean(-1, keepdims=True)
         return xc / jt.sqrt(var + self.eps) * self.weight + self.bias
@@ -142,12 +151,22 @@ class CausalSelfAttention(nn.Module):
         std = config.initializer_range
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd, std)  # q, k, v fused, in this order
         self.c_proj = Conv1D(config.n_embd, config.n_embd, std)
-        self.attn_dropout = nn.Dropout(config.attn_pdrop)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.attn_dropout = cpu_kernels.Dropout(config.attn_pdrop)
+        self.resid_dropout = cpu_kernels.Dropout(config.resid_pdrop)
 
-    def execute(self, x, key_mask=None, past=None):
-        B, T, C = x.shape
+    def execute(self, x, key_mask=None, past=None, queries=None):
+        """x (B, T, C) -> (attention output, (k, v) cache), or x (rows, C) of packed real
+        tokens with key_mask a cpu_kernels.PackedRows -> (output rows, None). With a
+        cpu_kernels.KVCache as past, `queries`: only the last that many positions get an output."""
         H = self.n_head
+        p_drop = self.attn_dropout.p if self.attn_dropout.is_train else 0.0
+        if isinstance(key_mask, cpu_kernels.PackedRows):
+            y = cpu_kernels.packed_causal_attention(self.c_attn(x), key_mask, H, p_drop)
+            return self.resid_dropout(self.c_proj(y)), None
+        if isinstance(past, cpu_kernels.KVCache):  # generation: the cache grows in place
+            y = past.attend(self.c_attn(x), key_mask, queries)
+            return self.resid_dropout(self.c_proj(y)), past
+        B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
         q, k, v = qkv.split(C, dim=2)
         # The cache is (B, H, T, D). Jittor is lazy: in training nothing reads it, so it is never built.
@@ -155,12 +174,11 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k = jt.concat([past[0], k], dim=2)
             v = jt.concat([past[1], v], dim=2)
-        p_drop = self.attn_dropout.p if self.attn_dropout.is_train else 0.0
         # One fused C++ kernel per (batch, head), matmuls in oneDNN (see cpu_kernels.py):
         # the 4-D jt.matmul of causal_attention runs as generic loops on CPU, measured at
         # ~50% of a GPT-2 124M training step.
         if cpu_kernels.available() and past is None:
-            y = cpu_kernels.packed_causal_attention(qkv, key_mask, H, p_drop)
+            y = cpu_kernels.padded_causal_attention(qkv, key_mask, H, p_drop)
         elif cpu_kernels.available() and p_drop == 0.0:
             y = cpu_kernels.cached_attention(qkv, k, v, key_mask, H)
         else:
@@ -174,7 +192,7 @@ class MLP(nn.Module):
         self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd, config.initializer_range)
         self.c_proj = Conv1D(4 * config.n_embd, config.n_embd, config.initializer_range)
         self.act = ACTIVATIONS[config.activation_function]
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.dropout = cpu_kernels.Dropout(config.resid_pdrop)
 
     def execute(self, x):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -187,8 +205,12 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def execute(self, x, key_mask=None, past=None):
-        a, present = self.attn(self.ln_1(x), key_mask, past)
+    def execute(self, x, key_mask=None, past=None, queries=None):
+        a, present = self.attn(self.ln_1(x), key_mask, past, queries)
+        if isinstance(key_mask, cpu_kernels.PackedRows) and key_mask.n_out < key_mask.n_rows:
+            x = x[jt.array(key_mask.query_rows())]  # only the rows attention answered go on
+        elif queries is not None:
+            x = x[:, -queries:]
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -204,7 +226,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.wte.weight.assign(jt.init.gauss(self.wte.weight.shape, "float32", std=config.initializer_range))
         self.wpe.weight.assign(jt.init.gauss(self.wpe.weight.shape, "float32", std=0.01))
-        self.drop = nn.Dropout(config.embd_pdrop)
+        self.drop = cpu_kernels.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.eval()  # like transformers' from_pretrained: inference mode until train() is called
@@ -230,8 +252,19 @@ class GPT(nn.Module):
         With a mask, positions count real tokens only: position = cumsum(mask) - 1, as
         Hugging Face generation does, so a left-padded row starts at position 0.
         """
+        return self._hidden(idx, attention_mask, past_key_values)
+
+    def _hidden(self, idx, attention_mask=None, past_key_values=None, last_only=False):
+        """transformer(); last_only (with cpu_kernels.KVCache caches): the last block computes
+        the last position only (the others only add keys and values to the cache), as
+        generation needs; that saves 3/4 of the last block's matmuls for a prompt."""
         B, T = idx.shape
-        T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if past_key_values is None:
+            T_past = 0
+        elif isinstance(past_key_values[0], cpu_kernels.KVCache):
+            T_past = past_key_values[0].length
+        else:
+            T_past = past_key_values[0][0].shape[2]
         if T_past + T > self.config.n_positions:
             raise ValueError(f"sequence of {T_past + T} tokens is longer than the model's "
                              f"n_positions={self.config.n_positions}")
@@ -247,14 +280,17 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         presents = []
         for i, block in enumerate(self.h):
-            x, present = block(x, attention_mask, None if past_key_values is None else past_key_values[i])
+            past = None if past_key_values is None else past_key_values[i]
+            last = last_only and i == len(self.h) - 1 and isinstance(past, cpu_kernels.KVCache)
+            x, present = block(x, attention_mask, past, 1 if last else None)
             presents.append(present)
         return self.ln_f(x), presents
 
     def lm_head(self, h):
         """Logits from hidden states: the head is tied to the token embedding (wte)."""
         flat = h.reshape(-1, h.shape[-1])
-        return jt.matmul(flat, self.wte.weight.transpose(1, 0)).reshape(*h.shape[:-1], -1)
+        # h @ wte^T without a transposed copy of the (vocab, C) table (154 MB for GPT-2)
+        return cpu_kernels.matmul(flat, self.wte.weight, trans_b=True).reshape(*h.shape[:-1], -1)
 
     def execute(self, idx, targets=None, attention_mask=None):
         """Logits (B, T, vocab); with targets, (logits, loss).
@@ -265,13 +301,56 @@ class GPT(nn.Module):
         (b, t) order: the vocab projection is the largest matmul of the model and
         answer-only training supervises a few tokens per row, so we skip the rest.
         """
-        h, _ = self.transformer(idx, attention_mask)
         if targets is None:
-            return self.lm_head(h)
-        flat_targets = targets.reshape(-1)
-        keep = jt.where(flat_targets != IGNORE_INDEX)[0]
-        logits = self.lm_head(h.reshape(-1, h.shape[-1])[keep])
-        return logits, cross_entropy(logits, flat_targets[keep])
+            return self.lm_head(self.transformer(idx, attention_mask)[0])
+        packed = self._supervised_hidden_packed(idx, targets, attention_mask) if cpu_kernels.available() else None
+        if packed is not None:
+            h, t = packed
+        else:
+            h, _ = self.transformer(idx, attention_mask)
+            flat_targets = targets.reshape(-1)
+            keep = jt.where(flat_targets != IGNORE_INDEX)[0]
+            h, t = h.reshape(-1, h.shape[-1])[keep], flat_targets[keep]
+        logits = self.lm_head(h)
+        return logits, cross_entropy(logits, t)
+
+    def _supervised_hidden_packed(self, idx, targets, attention_mask):
+        """(final hidden states, targets) at the supervised positions, in row-major order,
+        computed on the real tokens only; None where that cannot give the same result.
+
+        Padding is often a third of a batch of SQuAD examples (63% real tokens at
+        max_length 384), and the loss needs no pad: real tokens never attend to pads. So
+        the real tokens are packed into one (rows, C) matrix, with each row of the batch a
+        causal sequence of its own (cpu_kernels.PackedRows). Positions are the same as in
+        transformer(): cumsum(mask) - 1. The last block only computes the positions from
+        each row's first supervised token on: nothing after it reads the others.
+        """
+        B, T = idx.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's "
+                             f"n_positions={self.config.n_positions}")
+        tgt = targets.numpy().reshape(B, T)  # host copies (input data; no compute to wait for)
+        mask = np.ones((B, T), bool) if attention_mask is None else attention_mask.numpy().reshape(B, T) > 0
+        supervised = (tgt != IGNORE_INDEX) & mask
+        if not supervised.any() or (tgt[~mask] != IGNORE_INDEX).any():
+            return None  # a target on a pad (or none at all): the padded path defines that case
+        rows = np.flatnonzero(mask)  # the real tokens, row-major
+        pos = np.cumsum(mask, 1) - 1  # of each real token in its row
+        x = self.drop(self.wte(idx.reshape(-1)[jt.array(rows.astype(np.int32))]) +
+                      self.wpe(jt.array(pos.reshape(-1)[rows].astype(np.int32))))  # (rows, C)
+        lengths = mask.sum(1)
+        layout = cpu_kernels.PackedRows(lengths)
+        # the last block: each row's queries run from its first supervised token to its end
+        queries = np.zeros(B, np.int64)
+        for b in np.flatnonzero(supervised.any(1)):
+            queries[b] = lengths[b] - pos[b, np.argmax(supervised[b])]
+        last = layout.with_queries(queries)
+        for i, block in enumerate(self.h):
+            x, _ = block(x, layout if i < len(self.h) - 1 else last)
+        out_rows = last.query_rows()  # packed row of each row of x now
+        keep = np.flatnonzero(supervised.reshape(-1)[rows][out_rows])
+        packed_targets = tgt.reshape(-1)[rows][out_rows][keep]
+        return self.ln_f(x[jt.array(keep.astype(np.int32))]), jt.array(packed_targets)
 
     # --- generation ------------------------------------------------------------
 
@@ -296,9 +375,13 @@ class GPT(nn.Module):
         out = [idx.numpy()]
         done = np.zeros(B, dtype=bool)
         past, mask, step_in = None, attention_mask, idx
+        if cpu_kernels.available() and not self.is_train:  # no attention dropout to apply
+            c = self.config
+            past = [cpu_kernels.KVCache(B, c.n_head, c.n_embd // c.n_head, T + max_new_tokens)
+                    for _ in range(c.n_layer)]
         with jt.no_grad():
             for step in range(max_new_tokens):
-                h, past = self.transformer(step_in, mask, past)
+                h, past = self._hidden(step_in, mask, past, last_only=True)
                 logits = self.lm_head(h[:, -1]).numpy().astype(np.float64)  # (B, vocab)
                 nxt = pick_next_token(logits, temperature, top_k, top_p, rng)
                 if eos_token_id is not None:

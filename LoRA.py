@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from jittor_env import jt
 from jittor import nn
+import cpu_kernels
 
 
 @dataclass
@@ -61,7 +62,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.enable = tuple(enable) if enable is not None and not all(enable) else None
         self.merged = False
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = nn.Dropout(dropout)  # holds p; applied inside cpu_kernels.linear
         if r == 0:
             return
         k = sum(self.enable) if self.enable else 1
@@ -102,10 +103,14 @@ class LoRALinear(nn.Module):
     def execute(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # 2-D matmuls: the ones oneDNN runs on CPU
-        y = jt.matmul(x2, self.weight) + self.bias
         if self.r and not self.merged:
-            after_a = jt.matmul(self.lora_dropout(x2), self.lora_A.transpose(1, 0))
-            y = y + jt.matmul(after_a, self.B_full().transpose(1, 0)) * self.scaling
+            # one fused kernel (cpu_kernels.linear): bias and both products accumulate into
+            # y, dropout is applied block by block; no gradient for the frozen weight
+            drop = self.lora_dropout
+            y = cpu_kernels.linear(x2, self.weight, self.bias, self.lora_A, self.B_full(), self.scaling,
+                                   drop.p if drop.is_train else 0.0)
+        else:
+            y = cpu_kernels.linear(x2, self.weight, self.bias)
         return y.reshape(*shape[:-1], self.weight.shape[1])
 
     def merge(self):

@@ -1,0 +1,426 @@
+"""LoRA training and greedy answer generation: Jittor (this project) against transformers +
+PEFT on PyTorch, on the same machine, the same weights and the same batches.
+
+    python benchmark.py train --framework jittor          # GPT-2 124M, LoRA r=8, batch 4 x <=384
+    python benchmark.py train --framework torch
+    python benchmark.py generate --framework jittor       # greedy answers with the KV cache
+    python benchmark.py generate --framework torch
+    python benchmark.py train --framework jittor --tiny --steps 2 --warmup 1   # smoke test
+
+Each run prints ONE JSON line on stdout (framework, config, tokens/s or answers/s, median
+and min/max of the step time, peak RSS, steps, warm-up time, FLOP accounting) and a short
+table on stderr. Run the frameworks one after the other, not at the same time: they
+share the cores.
+
+Same work on both sides:
+- GPT-2 124M shape, random init written once by transformers (seeded) into a cache folder
+  (`prepare`, run in a subprocess so that no PyTorch is loaded next to Jittor); Jittor
+  reads it with GPT.from_pretrained, so the weights are identical.
+- LoRA r=8, alpha=16, dropout 0.1 on c_attn, c_proj, c_fc (fan_in_fan_out), made by PEFT
+  and saved once; Jittor loads that adapter (LoRAGPT.from_pretrained). B is small random
+  instead of PEFT's zeros, so the adapter changes generated tokens (speed is the same).
+- AdamW, lr 5e-4, weight decay 0.01. GPT-2's own dropouts (0.1) are on in training.
+- Training batches: real SQuAD examples from gpt2_lora_dataset (read_squad, encode_dataset
+  with --max-length, collate; answer-only targets; each batch padded to its longest
+  example), in one fixed shuffled order. HF labels are unshifted:
+  labels[:, 1:] = targets[:, :-1]. tokens/s counts real (non-padding) tokens.
+- Generation: held-out questions, prompts from gpt2_lora_dataset.encode_prompt, sorted by
+  length, batched and left-padded (test_generation.left_pad); greedy, KV cache, stop at
+  <|endoftext|>; transformers' model.generate on the PEFT model (LoRA unmerged on both
+  sides). Prompt processing is included in the time.
+
+The torch side runs as a user would run it: default threads, default attention (sdpa).
+"""
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+SHARED_SQUAD = ROOT.parent / "shared" / "data" / "squad"
+SAMPLE_DATA = ROOT / "data" / "squad_sample.json"
+EOS_ID = 50256
+
+# name -> transformers GPT2Config kwargs
+MODELS = {
+    "gpt2-124M": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
+    # --tiny: the smoke test's model (GPT-2's vocabulary, so the real tokenizer and data work)
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=256, vocab_size=50257),
+}
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["c_attn", "c_proj", "c_fc"])
+LR, WEIGHT_DECAY = 5e-4, 0.01
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------
+# The shared checkpoint: base model + adapter, written by transformers and PEFT
+
+def cache_dir(model_name, seed):
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2_lora_jittor" / "benchmark"
+    return root / f"{model_name}-seed{seed}"
+
+
+def prepare(model_name, seed, out):
+    """Write out/base (config.json + model.safetensors) and out/adapter (PEFT LoRA)."""
+    import shutil
+    import tempfile
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**MODELS[model_name]))
+    model.save_pretrained(str(tmp / "base"))
+    peft_model = get_peft_model(model, LoraConfig(fan_in_fan_out=True, task_type="CAUSAL_LM", **LORA))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)  # nonzero, so generation exercises the adapter
+    peft_model.save_pretrained(str(tmp / "adapter"))
+    try:
+        tmp.rename(out)  # atomic: a parallel run sees the whole folder or none
+    except OSError:
+        shutil.rmtree(tmp)  # another run got there first
+    return out
+
+
+def ensure_prepared(model_name, seed):
+    out = cache_dir(model_name, seed)
+    if not (out / "adapter" / "adapter_model.safetensors").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a subprocess: the Jittor run must not carry PyTorch's memory and threads
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "prepare", "--model", model_name,
+                        "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
+    return out / "base", out / "adapter"
+
+
+# ----------------------------------------------------------------------------
+# Data: the same batches for both frameworks
+
+def default_data(task):
+    name = "dev-v1.1-train-split.json" if task == "train" else "dev-v1.1-heldout-split.json"
+    path = SHARED_SQUAD / name
+    return path if path.is_file() else SAMPLE_DATA
+
+
+def train_batches(args, n):
+    from gpt2_lora_dataset import batches, collate, encode_dataset, read_squad
+    from model_utils import load_tokenizer
+    examples, _ = read_squad(args.data, skip_bad=True)
+    features, _ = encode_dataset(load_tokenizer(), examples, max_length=args.max_length)
+    groups = batches(features, args.batch_size, seed=args.seed, epoch=0, drop_last=True)
+    if len(groups) < n:
+        groups = (groups * (n // max(1, len(groups)) + 1))  # a small file: go round again
+    return [collate([features[i] for i in g]) for g in groups[:n]]
+
+
+def generation_batches(args):
+    from gpt2_lora_dataset import encode_prompt, read_squad
+    from model_utils import load_tokenizer
+    from test_generation import left_pad
+    tokenizer = load_tokenizer()
+    examples, _ = read_squad(args.data, skip_bad=True)
+    examples = examples[:args.questions]
+    prompts = [encode_prompt(tokenizer, ex.context, ex.question, args.max_length, args.max_new_tokens)[0]
+               for ex in examples]
+    prompts.sort(key=len)  # like test_generation.answer_questions: similar lengths together
+    return [left_pad(prompts[i:i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
+
+
+# ----------------------------------------------------------------------------
+# FLOP accounting (matmul FLOPs; 2 per multiply-add)
+#
+# Training, per batch, counting the work the answer-only loss needs:
+#   per real token and layer: 4 * 12 C^2      base projections (c_attn 3C^2, attn.c_proj C^2,
+#                                             c_fc 4C^2, mlp.c_proj 4C^2): 2x forward and 2x for the
+#                                             input gradient; frozen weights need no weight gradient
+#                            + 6 * 16 r C     LoRA on the four projections, r (in + out) = 16 r C:
+#                                             forward, input gradient, weight gradients
+#   per sequence of n real tokens and layer: 6 n^2 C    attention: QK^T and PV, 4 n^2 C forward
+#                                             and twice that backward, halved for causality
+#   the last layer: c_attn (+ LoRA) on every real token (keys and values), attention and
+#                   the rest only for the supervised positions
+#   per supervised position: 4 V C            LM head (tied embedding, frozen): forward + input grad
+# Generation: 2 (12 C^2 + 16 r C) per layer and real token (prompt or new), attention
+# 4 Tk C per layer and query (half the square for the prompt), LM head 2 V C per row and
+# step (last position only). The matmul limit is each framework's own rate on the model's
+# weight shapes with 1024 rows; generation steps (4 rows) are bound by streaming weights
+# from memory instead, so their fraction stays far below 1 on either side.
+
+def train_flops(batch, cfg, r):
+    C, L, V = cfg["n_embd"], cfg["n_layer"], cfg["vocab_size"]
+    lin, lora = 4 * 12 * C * C, 6 * 16 * r * C
+    lin_attn, lora_attn = 4 * 3 * C * C, 6 * 4 * r * C  # c_attn only (last layer, every token)
+    total = 0.0
+    for mask, tgt in zip(batch["attention_mask"], batch["targets"]):
+        n, s = int(mask.sum()), int(((tgt != -100) & (mask > 0)).sum())
+        total += (L - 1) * (n * (lin + lora) + 6 * n * n * C)
+        total += n * (lin_attn + lora_attn) + s * (lin - lin_attn + lora - lora_attn) + 12 * n * s * C
+        total += s * 4 * V * C
+    return total
+
+
+def generate_flops(mask, n_steps, cfg, r):
+    C, L, V = cfg["n_embd"], cfg["n_layer"], cfg["vocab_size"]
+    per_token = L * 2 * (12 * C * C + 16 * r * C)
+    total = 0.0
+    for row in mask:
+        n = int(row.sum())
+        total += n * per_token + L * 4 * n * n * C / 2 + 2 * V * C  # prompt (causal: half the square)
+        for k in range(n_steps - 1):  # the first new token comes from the prompt pass
+            total += per_token + L * 4 * (n + k + 1) * C + 2 * V * C
+    return total
+
+
+def matmul_rate(mm, make, sync, C, rows=1024, reps=5):
+    """GFLOP/s of the model's 2-D fp32 matmul shapes (forward x W and backward dY W^T)."""
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
+    args = [(make(rows, i), make(i, o), make(rows, o)) for i, o in shapes]
+    flops = sum(2 * 2 * rows * i * o for i, o in shapes)
+
+    def run():
+        for x, w, g in args:
+            sync(mm(x, w, False))
+            sync(mm(g, w, True))
+    run()  # warm-up (Jittor compiles)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return flops / float(np.median(times)) / 1e9
+
+
+# ----------------------------------------------------------------------------
+# Framework runners: each returns (list of step seconds, extra dict)
+
+def jittor_setup(args):
+    from jittor_env import jt
+    import cpu_kernels
+    from lora_models import LoRAGPT
+    jt.set_global_seed(args.seed)
+    base, adapter = ensure_prepared(args.model, args.seed)
+    model = LoRAGPT.from_pretrained(base, adapter)
+    gflops = matmul_rate(lambda a, b, t: cpu_kernels.matmul(a, b, trans_b=t),
+                         lambda *s: jt.randn(*s), lambda v: v.sync(), MODELS[args.model]["n_embd"])
+    return jt, model, gflops
+
+
+def jittor_train(args, data):
+    jt, model, gflops = jittor_setup(args)
+    opt = jt.optim.AdamW(model.trainable_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    model.train()
+    times, losses = [], []
+    for b in data:
+        t = time.perf_counter()
+        _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
+        opt.step(loss)
+        losses.append(loss.item())  # waits for the whole step
+        jt.sync_all()
+        times.append(time.perf_counter() - t)
+    return times, {"matmul_gflops": gflops, "losses": losses}
+
+
+def jittor_generate(args, data):
+    jt, model, gflops = jittor_setup(args)
+    model.eval()
+    times, outputs = [], []
+    for ids, mask in data:
+        t = time.perf_counter()
+        out = model.generate(ids, args.max_new_tokens, eos_token_id=EOS_ID, attention_mask=mask)
+        times.append(time.perf_counter() - t)
+        outputs.append(out[:, ids.shape[1]:])
+    return times, {"matmul_gflops": gflops, "outputs": outputs}
+
+
+def torch_setup(args):
+    import torch
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    base, adapter = ensure_prepared(args.model, args.seed)
+    model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(base)), str(adapter),
+                                      is_trainable=args.task == "train")
+    gflops = matmul_rate(lambda a, b, t: a @ (b.T if t else b), lambda *s: torch.randn(*s), lambda v: v,
+                         MODELS[args.model]["n_embd"])
+    return torch, model, gflops
+
+
+def torch_train(args, data):
+    torch, model, gflops = torch_setup(args)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+    model.train()
+    times, losses = [], []
+    for b in data:
+        labels = np.full(b["targets"].shape, -100, dtype=np.int64)
+        labels[:, 1:] = b["targets"][:, :-1]  # HF shifts inside: labels[t] is predicted at t - 1
+        t = time.perf_counter()
+        out = model(input_ids=torch.tensor(b["input_ids"], dtype=torch.long),
+                    attention_mask=torch.tensor(b["attention_mask"], dtype=torch.long),
+                    labels=torch.tensor(labels))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        times.append(time.perf_counter() - t)
+    return times, {"matmul_gflops": gflops, "losses": losses,
+                   "attn_implementation": model.base_model.model.config._attn_implementation}
+
+
+def torch_generate(args, data):
+    torch, model, gflops = torch_setup(args)
+    model.eval()
+    times, outputs = [], []
+    for ids, mask in data:
+        t = time.perf_counter()
+        out = model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                             attention_mask=torch.tensor(mask, dtype=torch.long),
+                             max_new_tokens=args.max_new_tokens, do_sample=False,
+                             eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+        times.append(time.perf_counter() - t)
+        outputs.append(out[:, ids.shape[1]:].numpy())
+    return times, {"matmul_gflops": gflops, "outputs": outputs,
+                   "attn_implementation": model.base_model.model.config._attn_implementation}
+
+
+RUNNERS = {("train", "jittor"): jittor_train, ("train", "torch"): torch_train,
+           ("generate", "jittor"): jittor_generate, ("generate", "torch"): torch_generate}
+
+
+# ----------------------------------------------------------------------------
+# Reporting
+
+def stats(times):
+    t = np.asarray(times)
+    return {"median_s": float(np.median(t)), "min_s": float(t.min()), "max_s": float(t.max()),
+            "iqr_s": [float(np.percentile(t, 25)), float(np.percentile(t, 75))]}
+
+
+def run_train(args):
+    cfg = MODELS[args.model]
+    data = train_batches(args, args.warmup + args.steps)
+    times, extra = RUNNERS[("train", args.framework)](args, data)
+    warm, measured = times[:args.warmup], times[args.warmup:]
+    batches = data[args.warmup:]
+    tokens = np.array([int(b["attention_mask"].sum()) for b in batches])
+    padded = np.array([b["attention_mask"].size for b in batches])
+    rates = tokens / np.asarray(measured)
+    flops = np.array([train_flops(b, cfg, LORA["r"]) for b in batches])
+    achieved = float(np.median(flops / np.asarray(measured))) / 1e9
+    return {
+        "tokens_per_s": float(np.median(rates)),               # median over steps of real tokens / step time
+        "tokens_per_s_total": float(tokens.sum() / np.sum(measured)),
+        "step": stats(measured),
+        "real_tokens_per_step": float(tokens.mean()), "padded_tokens_per_step": float(padded.mean()),
+        "warmup_s": float(np.sum(warm)), "first_step_s": float(times[0]),
+        "loss_first": extra["losses"][0], "loss_last": extra["losses"][-1],
+        "flops_per_step_G": float(flops.mean() / 1e9), "achieved_gflops": achieved,
+        "matmul_gflops": extra["matmul_gflops"],
+        "fraction_of_matmul_limit": achieved / extra["matmul_gflops"],
+        **({"attn_implementation": extra["attn_implementation"]} if "attn_implementation" in extra else {}),
+    }
+
+
+def run_generate(args):
+    cfg = MODELS[args.model]
+    data = generation_batches(args)
+    warm = data[:args.warmup]  # warm-up on the first batches, then time every batch
+    times, extra = RUNNERS[("generate", args.framework)](args, warm + data)
+    warm_times, measured, outputs = times[:len(warm)], times[len(warm):], extra["outputs"][len(warm):]
+    new_tokens = sum(o.size for o in outputs)  # rows x steps (rows finished early count their padding)
+    total = float(np.sum(measured))
+    flops = sum(generate_flops(m, o.shape[1], cfg, LORA["r"]) for (_, m), o in zip(data, outputs))
+    digest = hashlib.sha1(b"".join(np.ascontiguousarray(o, dtype=np.int64).tobytes() for o in outputs)).hexdigest()
+    return {
+        "answers_per_s": args.questions / total if total else 0.0,
+        "new_tokens_per_s": new_tokens / total if total else 0.0,
+        "batch": stats(measured), "total_s": total, "new_tokens": int(new_tokens),
+        "warmup_s": float(np.sum(warm_times)), "first_step_s": float(times[0]),
+        "generated_sha1": digest,  # equal on both sides when the greedy tokens agree
+        "achieved_gflops": flops / total / 1e9, "matmul_gflops": extra["matmul_gflops"],
+        "fraction_of_matmul_limit": flops / total / 1e9 / extra["matmul_gflops"],
+        **({"attn_implementation": extra["attn_implementation"]} if "attn_implementation" in extra else {}),
+    }
+
+
+def print_table(r):
+    rows = [("framework", r["framework"]), ("task", r["task"]), ("model", r["config"]["model"])]
+    if r["task"] == "train":
+        s = r["step"]
+        rows += [("tokens/s (median)", f"{r['tokens_per_s']:.1f}"),
+                 ("step time median [min, max]", f"{s['median_s']:.2f} s [{s['min_s']:.2f}, {s['max_s']:.2f}]"),
+                 ("real / padded tokens per step", f"{r['real_tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f}")]
+    else:
+        s = r["batch"]
+        rows += [("answers/s", f"{r['answers_per_s']:.2f}"), ("new tokens/s", f"{r['new_tokens_per_s']:.1f}"),
+                 ("batch time median [min, max]", f"{s['median_s']:.2f} s [{s['min_s']:.2f}, {s['max_s']:.2f}]")]
+    rows += [("warm-up (incl. compile)", f"{r['warmup_s']:.1f} s"),
+             ("achieved / matmul GFLOP/s", f"{r['achieved_gflops']:.1f} / {r['matmul_gflops']:.1f} "
+                                           f"= {100 * r['fraction_of_matmul_limit']:.0f}%"),
+             ("peak RSS", f"{r['peak_rss_mb']:.0f} MB")]
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=["train", "generate", "prepare"],
+                   help="what to time (prepare: only write the shared checkpoint; used internally)")
+    p.add_argument("--framework", choices=["jittor", "torch"], default="jittor", help="which implementation runs")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10; 2 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed first steps / generation batches (default 2 train, 1 generate)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per training step or generation batch")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest example (train) or prompt + answer (generate), tokens (default 384; 128 with --tiny)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (OMP_NUM_THREADS / torch.set_num_threads); default: the frameworks' own")
+    p.add_argument("--data", type=Path, default=None,
+                   help="SQuAD v1.1 file (default: ../shared/data/squad train split for train, held-out "
+                        "split for generate; data/squad_sample.json if absent)")
+    p.add_argument("--questions", type=int, default=16, help="generate: held-out questions to answer")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generate: longest answer, tokens")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide GPT-2 (smoke tests)")
+    p.add_argument("--model", choices=list(MODELS), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help="weights, adapter and batch order")
+    args = p.parse_args(argv)
+    args.model = args.model or ("tiny" if args.tiny else "gpt2-124M")
+    if args.task == "prepare":
+        prepare(args.model, args.seed, cache_dir(args.model, args.seed))
+        return
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before Jittor / torch start their pools
+    args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.task == "train" else 1)
+    args.max_length = args.max_length or (128 if args.tiny else 384)
+    args.data = args.data or default_data(args.task)
+    result = run_train(args) if args.task == "train" else run_generate(args)
+    config = {"model": args.model, **MODELS[args.model], "lora": LORA, "lr": LR, "weight_decay": WEIGHT_DECAY,
+              "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
+              "data": str(args.data), "seed": args.seed}
+    if args.task == "train":
+        config["steps"], config["warmup"] = args.steps, args.warmup
+    else:
+        config.update(questions=args.questions, max_new_tokens=args.max_new_tokens, warmup=args.warmup)
+    result = {"task": args.task, "framework": args.framework, "config": config, **result,
+              "peak_rss_mb": peak_rss_mb()}
+    print(json.dumps(result))
+    print_table(result)
+
+
+if __name__ == "__main__":
+    main()

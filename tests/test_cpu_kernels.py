@@ -1,0 +1,181 @@
+"""cpu_kernels against plain Jittor: the same formulas, forward and backward.
+
+The model-level references (transformers, PEFT) are in test_gpt2_parity.py and
+test_lora_peft.py; here each fused kernel meets the straightforward Jittor expression it
+replaces, including the cases the model tests reach only indirectly: several query
+blocks (T > 64), fully masked rows, dropout (with the mask rebuilt from the same seed),
+packed rows with partial queries. Each test prints the largest difference.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from jittor_env import jt
+import cpu_kernels as K
+from GPT2_jittor import causal_attention
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="needs Jittor on CPU with oneDNN")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def kept_scale(shape, seed, p):
+    """The dropout kernel's keep mask / (1 - p) for counters 0.. in row-major order of shape."""
+    ones = jt.ones(shape, "float32")
+    return jt.code(ones.shape, "float32", [ones, seed], cpu_header=K._HEADER, cpu_src=K._DROPOUT_SRC,
+                   data={"p": float(p)})
+
+
+def plain_attention(qkv, mask, H, keep=None):
+    """The model's plain-Jittor attention on packed qkv (B, T, 3C); keep: dropout scale mask."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for t in qkv.split(C, dim=2))
+    drop = (lambda p: p * keep) if keep is not None else (lambda p: p)
+    return causal_attention(q, k, v, mask, drop).transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
+def masks(B, T):
+    right, left = np.ones((B, T), np.int32), np.ones((B, T), np.int32)
+    right[1, T - 38:] = 0
+    right[2, 5:] = 0
+    left[1, :80] = 0
+    left[2, :T - 5] = 0  # rows 0..T-6 fully masked: uniform weights, across several query blocks
+    return {"none": None, "right": right, "left": left}
+
+
+@pytest.mark.parametrize("side", ["none", "right", "left"])
+def test_padded_attention_equals_plain_jittor(side):
+    rng = np.random.default_rng(0)
+    B, T, H, D = 3, 150, 4, 16  # T > 64: several query blocks
+    x = jt.array(rng.normal(size=(B, T, 3 * H * D)).astype(np.float32))
+    w = jt.array(rng.normal(size=(B, T, H * D)).astype(np.float32))
+    m = masks(B, T)[side]
+    km = None if m is None else jt.array(m)
+    ours, ref = K.padded_causal_attention(x, km, H), plain_attention(x, km, H)
+    d_fwd = rel_err(ours.numpy(), ref.numpy())
+    d_bwd = rel_err(jt.grad((ours * w).sum(), x).numpy(), jt.grad((ref * w).sum(), x).numpy())
+    print(f"\npadded attention ({side} padding): relative diff forward {d_fwd:.1e}, d qkv {d_bwd:.1e}")
+    assert d_fwd < 1e-6 and d_bwd < 1e-5
+
+
+def test_attention_dropout_equals_plain_jittor_with_the_same_mask():
+    rng = np.random.default_rng(1)
+    B, T, H, D, p = 2, 100, 3, 8, 0.3
+    x = jt.array(rng.normal(size=(B, T, 3 * H * D)).astype(np.float32))
+    w = jt.array(rng.normal(size=(B, T, H * D)).astype(np.float32))
+    m = jt.array(masks(3, T)["right"][:B])
+    seed = jt.array(np.array([12345, 678], np.int32))
+    ours = K._PaddedAttention()(x, m, seed, H, p)
+    ref = plain_attention(x, m, H, keep=kept_scale((B, H, T, T), seed, p))
+    d_fwd = rel_err(ours.numpy(), ref.numpy())
+    d_bwd = rel_err(jt.grad((ours * w).sum(), x).numpy(), jt.grad((ref * w).sum(), x).numpy())
+    print(f"\nattention with dropout p={p}: relative diff forward {d_fwd:.1e}, d qkv {d_bwd:.1e}")
+    assert d_fwd < 1e-6 and d_bwd < 1e-5
+
+
+def test_packed_rows_equal_the_padded_batch_on_real_tokens():
+    rng = np.random.default_rng(2)
+    B, T, H, D = 3, 140, 4, 16
+    mask = masks(B, T)["right"]
+    x = jt.array(rng.normal(size=(B, T, 3 * H * D)).astype(np.float32))
+    padded = K.padded_causal_attention(x, jt.array(mask), H).numpy().reshape(B * T, -1)
+    rows = np.flatnonzero(mask.reshape(-1))
+    xr = x.reshape(B * T, -1)[jt.array(rows.astype(np.int32))]
+    layout = K.PackedRows(mask.sum(1))
+    full = K.packed_causal_attention(xr, layout, H)
+    d_full = rel_err(full.numpy(), padded[rows])
+    # the last layer of a training step: only each row's last few tokens are queries
+    part_layout = layout.with_queries(np.minimum([3, 0, 2], mask.sum(1)))
+    part = K.packed_causal_attention(xr, part_layout, H)
+    picked = part_layout.query_rows()
+    d_part = rel_err(part.numpy(), full.numpy()[picked])
+    w = rng.normal(size=(len(picked), H * D)).astype(np.float32)
+    w_full = np.zeros((layout.n_rows, H * D), np.float32)
+    w_full[picked] = w
+    d_grad = rel_err(jt.grad((part * jt.array(w)).sum(), xr).numpy(),
+                     jt.grad((full * jt.array(w_full)).sum(), xr).numpy())
+    print(f"\npacked rows vs padded batch: {d_full:.1e}; partial queries: forward {d_part:.1e}, d qkv {d_grad:.1e}")
+    assert d_full < 1e-6 and d_part < 1e-6 and d_grad < 1e-5
+
+
+@pytest.mark.parametrize("lora,p", [(False, 0.0), (True, 0.0), (True, 0.25)])
+def test_linear_equals_plain_jittor(lora, p):
+    rng = np.random.default_rng(3)
+    n, n_in, n_out, r, s = 150, 48, 72, 4, 2.0
+    x, W, b, A, B, w = (jt.array(rng.normal(size=shape).astype(np.float32))
+                        for shape in [(n, n_in), (n_in, n_out), (n_out,), (r, n_in), (n_out, r), (n, n_out)])
+    seed = jt.array(np.array([4242, 77], np.int32))
+    if lora:
+        ours = K._LoRALinear()(x, W, b, A, B, seed, s, p)
+        xd = x * kept_scale((n, n_in), seed, p) if p else x
+        ref = jt.matmul(x, W) + b + jt.matmul(jt.matmul(xd, A.transpose(1, 0)), B.transpose(1, 0)) * s
+        params = [x, W, b, A, B]
+    else:
+        ours, ref, params = K.linear(x, W, b), jt.matmul(x, W) + b, [x, W, b]
+    d_fwd = rel_err(ours.numpy(), ref.numpy())
+    d_bwd = [rel_err(g.numpy(), h.numpy()) for g, h in
+             zip(jt.grad((ours * w).sum(), params), jt.grad((ref * w).sum(), params))]
+    print(f"\nlinear (lora={lora}, dropout {p}): relative diff forward {d_fwd:.1e}, "
+          f"gradients (x, W, b{', A, B' if lora else ''}) {', '.join(f'{d:.1e}' for d in d_bwd)}")
+    assert d_fwd < 1e-6 and max(d_bwd) < 1e-5
+
+
+def test_layer_norm_and_gelu_equal_plain_jittor():
+    rng = np.random.default_rng(4)
+    x = jt.array((rng.normal(size=(70, 48)) * 3 + 5).astype(np.float32))  # |mean| > std
+    wt, bias, w = (jt.array(rng.normal(size=s).astype(np.float32)) for s in [(48,), (48,), (70, 48)])
+
+    def plain_ln(x):
+        xc = x - x.mean(-1, keepdims=True)
+        return xc / jt.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-5) * wt + bias
+
+    def plain_gelu(x):
+        return 0.5 * x * (1.0 + jt.tanh((math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)).clamp(-15.0, 15.0)))
+
+    d = {}
+    for name, ours, ref, params in [("layer_norm", lambda v: K.layer_norm(v, wt, bias, 1e-5), plain_ln, [x, wt, bias]),
+                                    ("gelu", K.gelu_tanh, plain_gelu, [x])]:
+        d[name] = [rel_err(ours(x).numpy(), ref(x).numpy())] + \
+            [rel_err(g.numpy(), h.numpy()) for g, h in zip(jt.grad((ours(x) * w).sum(), params),
+                                                           jt.grad((ref(x) * w).sum(), params))]
+    print("\n" + "; ".join(f"{k}: forward {v[0]:.1e}, gradients {max(v[1:]):.1e}" for k, v in d.items()))
+    assert all(v[0] < 1e-6 and max(v[1:]) < 1e-5 for v in d.values())
+
+
+def test_dropout_kernel_rate_scale_gradient_and_seeding():
+    x = jt.ones((1000, 300), "float32")
+    jt.set_seed(7)
+    a = K.dropout(x, 0.1)
+    g = jt.grad((a * 3).sum(), x).numpy()
+    jt.set_seed(7)
+    b = K.dropout(x, 0.1).numpy()
+    c = K.dropout(x, 0.1).numpy()
+    a = a.numpy()
+    kept = (a > 0).mean()
+    print(f"\ndropout p=0.1: kept {kept:.4f}; same seed equal: {np.array_equal(a, b)}; next call differs: "
+          f"{not np.array_equal(b, c)}")
+    assert abs(kept - 0.9) < 0.003 and np.allclose(a[a > 0], 1 / 0.9)
+    assert np.array_equal(g, 3 * a)  # the backward pass regenerates the forward mask
+    assert np.array_equal(a, b) and not np.array_equal(b, c)
+
+
+def test_kv_cache_attend_equals_tuple_cache():
+    rng = np.random.default_rng(5)
+    B, T, H, D = 2, 70, 4, 8
+    C = H * D
+    mask = np.ones((B, T + 3), np.int32)
+    mask[1, :20] = 0  # left padding
+    qkv = jt.array(rng.normal(size=(B, T + 3, 3 * C)).astype(np.float32))
+    cache = K.KVCache(B, H, D, T + 3)
+    prompt_last = cache.attend(qkv[:, :T], jt.array(mask[:, :T]), queries=1)  # a prompt pass's last block
+    steps = [cache.attend(qkv[:, T + i:T + i + 1], jt.array(mask[:, :T + i + 1])) for i in range(3)]
+    ref = K.padded_causal_attention(qkv, jt.array(mask), H).numpy()
+    d = max([rel_err(prompt_last.numpy()[:, 0], ref[:, T - 1])] +
+            [rel_err(s.numpy()[:, 0], ref[:, T + i]) for i, s in enumerate(steps)])
+    print(f"\nKV cache (prompt, then 3 steps) vs full attention: relative diff {d:.1e}")
+    assert d < 1e-6
