@@ -422,6 +422,8 @@ def train(cfg, resume=False, stop_after=None, progress=True):
         log(f"loss curves: {out / 'curves.png'}")
     except Exception as e:  # a plotting problem must not cost the finished run
         log(f"warning: could not plot the curves ({e})")
+    log(f"done: {out}/ holds adapter/ (PEFT format), checkpoint-*/, train_loss.txt, val_loss.txt, "
+        f"metrics.jsonl, config.json, predictions.json, scores.json, curves.png")
     return out
 
 
