@@ -133,6 +133,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v not in (None, False) and k != "resume"}
     base = DEMO_OVERRIDES if args.demo else {}
+    if args.resume:  # continue with the run's own settings; flags given now override them
+        saved = Path(given.get("output_dir") or base.get("output_dir") or TrainConfig.output_dir) / "config.json"
+        if saved.is_file():
+            base = json.loads(saved.read_text())
     return TrainConfig(**{**base, **given}), args.resume
 
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gpt2_lora_dataset import load_squad_json
-from train_default_lora import TrainConfig, learning_rate, train
+from train_default_lora import TrainConfig, learning_rate, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
@@ -80,6 +80,10 @@ def test_resume_ends_with_the_same_adapter(split_files, tmp_path, stop_after):
 def test_resume_refuses_other_settings_and_fresh_run_refuses_old_checkpoints(split_files, tmp_path):
     cfg = tiny_cfg(split_files, tmp_path / "run", max_steps=3)
     train(cfg, progress=False)
+    # `--output-dir DIR --resume` alone continues with the run's saved settings
+    resumed, resume = parse_args(["--output-dir", str(tmp_path / "run"), "--resume"])
+    assert resume and resumed == cfg
+    assert parse_args(["--output-dir", str(tmp_path / "run"), "--resume", "--max-steps", "5"])[0].max_steps == 5
     with pytest.raises(SystemExit, match=r"--resume with different settings \(lr: 0.003 -> 0.01\)"):
         train(replace(cfg, lr=0.01), resume=True, progress=False)
     with pytest.raises(SystemExit, match="already holds checkpoints: pass --resume"):
