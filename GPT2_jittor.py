@@ -254,6 +254,11 @@ class GPT(nn.Module):
         """
         return self._hidden(idx, attention_mask, past_key_values)
 
+    def _check_length(self, n_tokens):
+        if n_tokens > self.config.n_positions:
+            raise ValueError(f"sequence of {n_tokens} tokens is longer than the model's "
+                             f"n_positions={self.config.n_positions}")
+
     def _hidden(self, idx, attention_mask=None, past_key_values=None, last_only=False):
         """transformer(); last_only (with cpu_kernels.KVCache caches): the last block computes
         the last position only (the others only add keys and values to the cache), as
@@ -265,9 +270,7 @@ class GPT(nn.Module):
             T_past = past_key_values[0].length
         else:
             T_past = past_key_values[0][0].shape[2]
-        if T_past + T > self.config.n_positions:
-            raise ValueError(f"sequence of {T_past + T} tokens is longer than the model's "
-                             f"n_positions={self.config.n_positions}")
+        self._check_length(T_past + T)
         if attention_mask is None:
             pos = jt.arange(T_past, T_past + T).reshape(1, T)
         else:
@@ -326,9 +329,7 @@ class GPT(nn.Module):
         each row's first supervised token on: nothing after it reads the others.
         """
         B, T = idx.shape
-        if T > self.config.n_positions:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's "
-                             f"n_positions={self.config.n_positions}")
+        self._check_length(T)
         tgt = targets.numpy().reshape(B, T)  # host copies (input data; no compute to wait for)
         mask = np.ones((B, T), bool) if attention_mask is None else attention_mask.numpy().reshape(B, T) > 0
         supervised = (tgt != IGNORE_INDEX) & mask

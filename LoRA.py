@@ -103,14 +103,13 @@ class LoRALinear(nn.Module):
     def execute(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # 2-D matmuls: the ones oneDNN runs on CPU
+        # one fused kernel (cpu_kernels.linear): bias and both products accumulate into y,
+        # dropout is applied block by block; no gradient for the frozen weight
+        lora = ()
         if self.r and not self.merged:
-            # one fused kernel (cpu_kernels.linear): bias and both products accumulate into
-            # y, dropout is applied block by block; no gradient for the frozen weight
             drop = self.lora_dropout
-            y = cpu_kernels.linear(x2, self.weight, self.bias, self.lora_A, self.B_full(), self.scaling,
-                                   drop.p if drop.is_train else 0.0)
-        else:
-            y = cpu_kernels.linear(x2, self.weight, self.bias)
+            lora = (self.lora_A, self.B_full(), self.scaling, drop.p if drop.is_train else 0.0)
+        y = cpu_kernels.linear(x2, self.weight, self.bias, *lora)
         return y.reshape(*shape[:-1], self.weight.shape[1])
 
     def merge(self):
