@@ -46,6 +46,9 @@ _HEADER = r"""
 #include <vector>
 #include <algorithm>
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 // oneDNN's row-major sgemm, the function Jittor's own mkl_matmul op calls. Jittor has
 // already loaded the library for its mkl ops, so the declaration is all we need.
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
@@ -313,6 +316,122 @@ static std::vector<Head> packed_heads(int S, const int* seg, int H, int C, const
     return heads;
 }
 
+// --- few rows: a generation step -------------------------------------------------
+// x (4, 768) times a weight: each weight element is used by 4 multiply-adds, so streaming
+// the weights from memory is the whole cost (~340 MB per GPT-2 124M step, ~154 MB more
+// for the LM head). oneDNN's sgemm reaches ~14 GB/s on these shapes (column blocks read
+// strided panels of B); one pass over contiguous rows per thread, with a software
+// prefetch, reaches 22-26 GB/s on 2 cores (measured with 48 distinct 768 x 2304, 768 x
+// 3072 and 3072 x 768 weights; the machine's read bandwidth is ~27 GB/s).
+static const int64_t FEW_ROWS = 8;
+static const int PREFETCH_BYTES = 16384;  // ahead of the read position (measured: 8-16 KB best)
+
+#ifdef __AVX512F__
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+// C = alpha A B + beta C, A (M, K), B (K, N). Each thread takes a contiguous block of B's
+// rows (a K range), accumulates its partial C (M, N) in cache, and the partials are added
+// in thread order.
+static void gemm_few_nn(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
+                        float alpha, float beta) {
+    const int nt = omp_get_max_threads();
+    // 16 KB between the threads' partials: adjacent ones ran at 16-18 GB/s instead of 25
+    // (measured; the cores' prefetchers reach into each other's lines)
+    const int64_t stride = M * N + 4096;
+    std::vector<float> part((size_t)nt * stride);
+    #pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num();
+        const int64_t k0 = K * t / nt, k1 = K * (t + 1) / nt;
+        float* y = part.data() + t * stride;
+        std::fill(y, y + M * N, 0.f);
+        int64_t k = k0;
+        for (; k + 4 <= k1; k += 4) {  // four rows of B per pass over y
+            const float* w = B + k * N;
+            for (int64_t n = 0; n < N; n += 16) {
+                const __mmask16 mk = tail_mask(N - n);
+                const char* p = (const char*)(w + n) + PREFETCH_BYTES;
+                for (int i = 0; i < 4; i++) _mm_prefetch(p + i * N * 4, _MM_HINT_T0);
+                const __m512 w0 = _mm512_maskz_loadu_ps(mk, w + n), w1 = _mm512_maskz_loadu_ps(mk, w + N + n),
+                             w2 = _mm512_maskz_loadu_ps(mk, w + 2 * N + n), w3 = _mm512_maskz_loadu_ps(mk, w + 3 * N + n);
+                for (int64_t m = 0; m < M; m++) {
+                    const float* a = A + m * K + k;
+                    __m512 acc = _mm512_maskz_loadu_ps(mk, y + m * N + n);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), w0, acc);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), w1, acc);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[2]), w2, acc);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[3]), w3, acc);
+                    _mm512_mask_storeu_ps(y + m * N + n, mk, acc);
+                }
+            }
+        }
+        for (; k < k1; k++)
+            for (int64_t m = 0; m < M; m++) {
+                const float a = A[m * K + k];
+                for (int64_t n = 0; n < N; n++) y[m * N + n] += a * B[k * N + n];
+            }
+        #pragma omp barrier
+        const int64_t i0 = M * N * t / nt, i1 = M * N * (t + 1) / nt;
+        for (int64_t i = i0; i < i1; i++) {
+            float s = 0.f;
+            for (int u = 0; u < nt; u++) s += part[u * stride + i];
+            C[i] = beta == 0.f ? alpha * s : alpha * s + beta * C[i];  // beta 0: C may be uninitialised
+        }
+    }
+}
+
+// C = alpha A B^T + beta C, A (M, K), B (N, K): N dot products of length K per row of A
+// (the LM head: B is the (vocab, C) embedding). Each thread takes a contiguous block of
+// B's rows; A (M x K floats) stays in L1.
+static void gemm_few_nt(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
+                        float alpha, float beta) {
+    #pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt;
+        for (int64_t j = n0; j < n1; j++) {
+            const float* b = B + j * K;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int64_t mm = std::min<int64_t>(4, M - m0);
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                int64_t k = 0;
+                for (; k + 16 <= K; k += 16) {
+                    if (m0 == 0 && k % 64 == 0) _mm_prefetch((const char*)(b + k) + PREFETCH_BYTES, _MM_HINT_T0);
+                    const __m512 w = _mm512_loadu_ps(b + k);
+                    for (int64_t i = 0; i < mm; i++)
+                        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(A + (m0 + i) * K + k), w, acc[i]);
+                }
+                if (k < K) {
+                    const __mmask16 mk = tail_mask(K - k);
+                    const __m512 w = _mm512_maskz_loadu_ps(mk, b + k);
+                    for (int64_t i = 0; i < mm; i++)
+                        acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, A + (m0 + i) * K + k), w, acc[i]);
+                }
+                for (int64_t i = 0; i < mm; i++) {
+                    float* c = C + (m0 + i) * N + j;
+                    const float s = alpha * _mm512_reduce_add_ps(acc[i]);
+                    *c = beta == 0.f ? s : s + beta * *c;
+                }
+            }
+        }
+    }
+}
+#endif
+
+// A generation step's product: few rows of A against a weight big enough to be worth two
+// cores. Returns false when the caller must use sgemm.
+static bool gemm_few(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
+                     float alpha, float beta) {
+#ifdef __AVX512F__
+    if (ta != 'N' || M > FEW_ROWS || N * K < PARALLEL_MIN_WORK / 64) return false;
+    if (tb == 'N') gemm_few_nn(M, N, K, A, B, C, alpha, beta);
+    else gemm_few_nt(M, N, K, A, B, C, alpha, beta);
+    return true;
+#else
+    return false;
+#endif
+}
+
 // --- matmul --------------------------------------------------------------------
 // C (M, N) = op(A) op(B), row-major, op = transpose when the flag is 'T'. C is cut into
 // row blocks (tall C) or column blocks (wide C), 4 per thread, handed out dynamically, and
@@ -322,10 +441,10 @@ static std::vector<Head> packed_heads(int S, const int* seg, int H, int C, const
 // (Jittor's mkl_matmul), which splits wide outputs poorly. PyTorch (MKL): 125-150 loaded.
 static void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
                  float alpha = 1.f, float beta = 0.f) {
+    if (gemm_few(ta, tb, M, N, K, A, B, C, alpha, beta)) return;
     const int64_t lda = ta == 'N' ? K : M, ldb = tb == 'N' ? N : K;
-    // Also in parallel: a large B with few rows of A (a generation step: x (4, 768) times a
-    // weight). Streaming the weight from memory bounds those; two cores stream ~14 GB/s,
-    // one ~7.5 (measured on 48 distinct 768 x 2304 weights).
+    // Also in parallel: a large B with few rows of A, where gemm_few cannot run. Streaming
+    // the weight from memory bounds those; two cores stream ~14 GB/s through sgemm, one ~7.5.
     const bool parallel = M * N * K >= PARALLEL_MIN_WORK || N * K >= PARALLEL_MIN_WORK / 16, rows = M >= N;
     const int64_t L = rows ? M : N, blocks = parallel ? std::max<int64_t>(1, std::min<int64_t>(4 * omp_get_max_threads(), L / 64)) : 1;
     OneThread serial(!parallel);

@@ -179,3 +179,46 @@ def test_kv_cache_attend_equals_tuple_cache():
             [rel_err(s.numpy()[:, 0], ref[:, T + i]) for i, s in enumerate(steps)])
     print(f"\nKV cache (prompt, then 3 steps) vs full attention: relative diff {d:.1e}")
     assert d < 1e-6
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 9])
+def test_few_row_products_equal_float64(M):
+    """A generation step's products (gemm_few: M <= 8 rows, B streamed once) and, at M = 9,
+    the sgemm path: x W, x W^T (the LM head's layout) and the LoRA linear with its bias and
+    adapter, against float64. Sizes that are no multiple of the vector width (16 floats)
+    or of the 4 rows taken per pass test every tail."""
+    rng = np.random.default_rng(6)
+    n_in, n_out, r, s = 770, 1030, 8, 2.0  # n_in x n_out is large enough for two threads
+    x, W, Wt, b, A, B = (rng.normal(size=shape).astype(np.float32)
+                         for shape in [(M, n_in), (n_in, n_out), (n_out, n_in), (n_out,), (r, n_in), (n_out, r)])
+    x64 = x.astype(np.float64)
+    got = {"x W": K.matmul(jt.array(x), jt.array(W)).numpy(),
+           "x W^T": K.matmul(jt.array(x), jt.array(Wt), trans_b=True).numpy(),
+           "LoRA linear": K.linear(jt.array(x), jt.array(W), jt.array(b), jt.array(A), jt.array(B), s).numpy()}
+    ref = {"x W": x64 @ W, "x W^T": x64 @ Wt.T, "LoRA linear": x64 @ W + b + (x64 @ A.T) @ B.T * s}
+    d = {k: rel_err(got[k], ref[k]) for k in got}
+    print(f"\n{M} rows: relative diff to float64: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
+    assert max(d.values()) < 2e-6
+
+
+def test_decode_steps_equal_the_full_forward_at_a_wide_model():
+    """At a width where the KV-cache decode steps run through gemm_few (c_attn 384 x 1152,
+    the LM head), their logits equal the no-cache forward pass's (prefill products: sgemm)."""
+    from GPT2_jittor import GPT, GPTConfig
+    jt.set_global_seed(7)
+    model = GPT(GPTConfig(n_layer=2, n_head=6, n_embd=384, n_positions=64, vocab_size=5000))
+    model.eval()
+    ids = np.random.default_rng(7).integers(0, 5000, (3, 20))
+    mask = np.ones((3, 20), np.int32)
+    mask[1, :6] = 0  # left padding
+    past = [K.KVCache(3, 6, 64, 20) for _ in range(2)]
+    with jt.no_grad():
+        h, past = model._hidden(jt.array(ids[:, :16]), jt.array(mask[:, :16]), past)
+        steps = [model.lm_head(h[:, -1]).numpy()]
+        for t in range(16, 20):
+            h, past = model._hidden(jt.array(ids[:, t:t + 1]), jt.array(mask[:, :t + 1]), past)
+            steps.append(model.lm_head(h[:, -1]).numpy())
+        full = model(jt.array(ids), attention_mask=jt.array(mask)).numpy()
+    d = max(rel_err(s, full[:, t]) for s, t in zip(steps, range(15, 20)))
+    print(f"\ndecode steps (KV cache, few-row products) vs full forward: relative diff of logits {d:.1e}")
+    assert d < 1e-5
