@@ -380,11 +380,14 @@ class GPT(nn.Module):
             c = self.config
             past = [cpu_kernels.KVCache(B, c.n_head, c.n_embd // c.n_head, T + max_new_tokens)
                     for _ in range(c.n_layer)]
+        head = self._greedy_head() if temperature == 0.0 else None  # None: the full head
         with jt.no_grad():
             for step in range(max_new_tokens):
                 h, past = self._hidden(step_in, mask, past, last_only=True)
-                logits = self.lm_head(h[:, -1]).numpy().astype(np.float64)  # (B, vocab)
-                nxt = pick_next_token(logits, temperature, top_k, top_p, rng)
+                nxt = head.next_tokens(h[:, -1]) if head is not None else None
+                if nxt is None:
+                    logits = self.lm_head(h[:, -1]).numpy().astype(np.float64)  # (B, vocab)
+                    nxt = pick_next_token(logits, temperature, top_k, top_p, rng)
                 if eos_token_id is not None:
                     nxt = np.where(done, eos_token_id, nxt)
                     done |= nxt == eos_token_id
@@ -395,6 +398,16 @@ class GPT(nn.Module):
                 if mask is not None:
                     mask = jt.concat([mask, jt.ones((B, 1), mask.dtype)], dim=1)
         return np.concatenate(out, axis=1)
+
+    def _greedy_head(self):
+        """cpu_kernels.GreedyHead for wte (the same greedy tokens from half the bytes per step),
+        or None where it cannot run. Kept while wte's weight is unchanged: Jittor gives a Var
+        a new id whenever it is assigned or updated, and the head is rebuilt then."""
+        w = self.wte.weight
+        cached = getattr(self, "_greedy", None)  # "_": not a parameter for Jittor
+        if cached is None or cached[0] != w.id:
+            self._greedy = (w.id, cpu_kernels.GreedyHead.build(w))
+        return self._greedy[1]
 
     # --- checkpoints -----------------------------------------------------------
 

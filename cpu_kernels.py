@@ -20,6 +20,11 @@ What is here (C++ through jt.code, matmuls through oneDNN's dnnl_sgemm):
 - linear(): x W + b + LoRA's s (dropout(x) A^T) B^T as one kernel (bias and both products
   accumulate into y), with gradients that skip what nothing reads (frozen W and b).
 - layer_norm(), gelu_tanh(): one pass each way, rows split over the cores.
+- A generation step (a few rows times every weight) is bound by reading the weights from
+  memory: gemm_few streams each weight once per thread at 22-25 GB/s (sgemm: ~14), and
+  GreedyHead picks greedy tokens from a bfloat16 copy of the LM head's table with a
+  proven error bound, recomputing in float32 the tokens the bound cannot rule out (the
+  same tokens as the full head, from about half the bytes).
 - Dropout with a counter-based hash of a seed and the element index: the backward pass
   regenerates the mask instead of storing it. Seeds come from Jittor's generator, so
   jt.set_seed still makes runs repeatable.
@@ -58,8 +63,9 @@ namespace gpt2cpu {
 
 // Work below which a kernel runs on one thread: starting the other threads costs ~20 us on
 // an idle machine, but up to a scheduler time slice (measured 4-8 ms per parallel region)
-// when another process keeps a core busy. Small ops (a generation step's matmuls, LoRA's
-// rank-8 products) are memory-bound and gain little from a second core anyway.
+// when another process keeps a core busy. Small ops (LoRA's rank-8 products, a generation
+// step's elementwise work) gain little from a second core anyway. A generation step's
+// weight products are the exception (see gemm_few): one core reads ~13 GB/s, two ~27.
 static const int64_t PARALLEL_MIN_WORK = 1 << 24;  // multiply-adds, or elements x 16
 
 // Below that size, oneDNN must run single-threaded too: outside an active parallel region
@@ -382,6 +388,25 @@ static void gemm_few_nn(int64_t M, int64_t N, int64_t K, const float* A, const f
     }
 }
 
+// Dot products of one row b (K floats) with up to 4 rows of A (lda = K), in a fixed order
+// (16 lanes, then _mm512_reduce_add_ps): the greedy LM head below recomputes logits with
+// this same function, so its values are bit-identical to the full head's.
+static inline void dot_rows(const float* b, const float* A, int64_t K, int64_t mm, float* out, bool prefetch) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        if (prefetch) _mm_prefetch((const char*)(b + k) + PREFETCH_BYTES, _MM_HINT_T0);  // each line
+        const __m512 w = _mm512_loadu_ps(b + k);
+        for (int64_t i = 0; i < mm; i++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * K + k), w, acc[i]);
+    }
+    if (k < K) {
+        const __mmask16 mk = tail_mask(K - k);
+        const __m512 w = _mm512_maskz_loadu_ps(mk, b + k);
+        for (int64_t i = 0; i < mm; i++) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, A + i * K + k), w, acc[i]);
+    }
+    for (int64_t i = 0; i < mm; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
 // C = alpha A B^T + beta C, A (M, K), B (N, K): N dot products of length K per row of A
 // (the LM head: B is the (vocab, C) embedding). Each thread takes a contiguous block of
 // B's rows; A (M x K floats) stays in L1.
@@ -391,31 +416,119 @@ static void gemm_few_nt(int64_t M, int64_t N, int64_t K, const float* A, const f
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt;
-        for (int64_t j = n0; j < n1; j++) {
-            const float* b = B + j * K;
+        float s[4];
+        for (int64_t j = n0; j < n1; j++)
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int64_t mm = std::min<int64_t>(4, M - m0);
+                dot_rows(B + j * K, A + m0 * K, K, mm, s, m0 == 0);
+                for (int64_t i = 0; i < mm; i++) {
+                    float* c = C + (m0 + i) * N + j;
+                    *c = beta == 0.f ? alpha * s[i] : alpha * s[i] + beta * *c;
+                }
+            }
+    }
+}
+
+// --- greedy LM head --------------------------------------------------------------------
+// Greedy decoding needs only the argmax of h E^T over the vocabulary, but the full head
+// streams the whole (V, C) float32 embedding E (154 MB for GPT-2) at every step. Here a
+// bfloat16 copy Eb (half the bytes) gives approximate logits s~ with a proven error
+// bound, and only the tokens that bound cannot rule out are recomputed exactly:
+//   |exact fp32 logit - s~| <= |h| (e_v + g (2 |E_v| + e_v)) = bound_v,
+// with e_v = |E_v - Eb_v| (row norm of the rounding error, computed when Eb is made),
+// |h|, |E_v| Euclidean norms (Cauchy-Schwarz) and g = K u / (1 - K u), u = 2^-24, the
+// float32 rounding of a length-K dot product (each of s~ and the exact logit has at most
+// g |h| |row|). With L = max_v (s~_v - bound_v), a token whose s~_v + bound_v < L cannot
+// be the argmax; the others are recomputed with dot_rows, exactly as the full head does,
+// and the first largest wins (numpy's argmax). So the tokens equal the full head's.
+// Eb (V, K) and per row c_v = e_v + g (2 |E_v| + e_v), so that bound_v = |h| c_v. Sums of
+// squares run in float32 over 16 lanes (relative rounding < 1e-5 for any K here) and c_v
+// is enlarged by 1e-4 to stay an upper bound. Returns false when E holds a non-finite
+// value (no bound holds then; the caller uses the full head). K: a multiple of 16.
+static bool bf16_table(int64_t V, int64_t K, const float* E, uint16_t* Eb, float* c) {
+    const double u = 5.9604644775390625e-08, g = K * u / (1 - K * u);  // u = 2^-24
+    int bad = 0;
+    #pragma omp parallel for schedule(static) reduction(|:bad)
+    for (int64_t v = 0; v < V; v++) {
+        __m512 err = _mm512_setzero_ps(), norm = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512 w = _mm512_loadu_ps(E + v * K + k);
+            const __m512i bits = _mm512_castps_si512(w);
+            // round to nearest even: add 0x7FFF + the lowest kept bit, keep the top 16 bits
+            const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)))), 16);
+            _mm256_storeu_si256((__m256i*)(Eb + v * K + k), _mm512_cvtepi32_epi16(r));
+            // inf / nan (exponent all ones), tested on the bits: -Ofast assumes finite floats
+            const __m512i exp_mask = _mm512_set1_epi32(0x7F800000);
+            if (_mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exp_mask), exp_mask)) bad = 1;
+            const __m512 d = _mm512_sub_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(r, 16)));
+            err = _mm512_fmadd_ps(d, d, err);
+            norm = _mm512_fmadd_ps(w, w, norm);
+        }
+        const double e = std::sqrt((double)_mm512_reduce_add_ps(err)), n = std::sqrt((double)_mm512_reduce_add_ps(norm));
+        c[v] = (float)((e + g * (2 * n + e)) * (1 + 1e-4));
+    }
+    return !bad;
+}
+
+// Next token per row of h (M, K); K a multiple of 16. tokens[m] = -1 when h's row is not
+// finite (the caller uses the full head). counts[m]: tokens recomputed exactly.
+static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const float* E, const uint16_t* Eb,
+                        const float* c, int* tokens, int* counts) {
+    std::vector<double> hn(M);  // |h_m|, enlarged like c_v
+    std::vector<char> finite(M, 1);
+    for (int64_t m = 0; m < M; m++) {
+        double s = 0;
+        for (int64_t k = 0; k < K; k++) {
+            uint32_t bits; std::memcpy(&bits, h + m * K + k, 4);
+            if ((bits & 0x7F800000u) == 0x7F800000u) finite[m] = 0;  // on the bits: -Ofast assumes finite
+            s += (double)h[m * K + k] * h[m * K + k];
+        }
+        hn[m] = std::sqrt(s) * (1 + 1e-6);
+    }
+    std::vector<float> approx((size_t)M * V);
+    const int nt = omp_get_max_threads();
+    std::vector<double> lower((size_t)nt * M, -INFINITY);  // per thread: max_v (s~ - bound)
+    #pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num();
+        const int64_t v0 = V * t / nt, v1 = V * (t + 1) / nt;
+        for (int64_t v = v0; v < v1; v++) {
+            const uint16_t* b = Eb + v * K;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 const int64_t mm = std::min<int64_t>(4, M - m0);
                 __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                int64_t k = 0;
-                for (; k + 16 <= K; k += 16) {
-                    if (m0 == 0 && k % 64 == 0) _mm_prefetch((const char*)(b + k) + PREFETCH_BYTES, _MM_HINT_T0);
-                    const __m512 w = _mm512_loadu_ps(b + k);
+                for (int64_t k = 0; k < K; k += 16) {
+                    if (m0 == 0 && k % 32 == 0) _mm_prefetch((const char*)(b + k) + PREFETCH_BYTES / 2, _MM_HINT_T0);
+                    // bfloat16 -> float32: the 16 bits are the top half of the float
+                    const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + k))), 16));
                     for (int64_t i = 0; i < mm; i++)
-                        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(A + (m0 + i) * K + k), w, acc[i]);
-                }
-                if (k < K) {
-                    const __mmask16 mk = tail_mask(K - k);
-                    const __m512 w = _mm512_maskz_loadu_ps(mk, b + k);
-                    for (int64_t i = 0; i < mm; i++)
-                        acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, A + (m0 + i) * K + k), w, acc[i]);
+                        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(h + (m0 + i) * K + k), w, acc[i]);
                 }
                 for (int64_t i = 0; i < mm; i++) {
-                    float* c = C + (m0 + i) * N + j;
-                    const float s = alpha * _mm512_reduce_add_ps(acc[i]);
-                    *c = beta == 0.f ? s : s + beta * *c;
+                    const int64_t m = m0 + i;
+                    const float s = _mm512_reduce_add_ps(acc[i]);
+                    approx[m * V + v] = s;
+                    lower[t * M + m] = std::max(lower[t * M + m], s - hn[m] * c[v]);
                 }
             }
         }
+    }
+    #pragma omp parallel for schedule(dynamic)
+    for (int64_t m = 0; m < M; m++) {
+        if (!finite[m]) { tokens[m] = -1; counts[m] = 0; continue; }
+        double L = -INFINITY;
+        for (int u = 0; u < nt; u++) L = std::max(L, lower[u * M + m]);
+        int best = -1, n = 0;
+        float best_s = 0.f, s;
+        for (int64_t v = 0; v < V; v++) {
+            if (approx[m * V + v] + hn[m] * c[v] < L) continue;  // cannot be the argmax
+            dot_rows(E + v * K, h + m * K, K, 1, &s, false);
+            n++;
+            if (best < 0 || s > best_s) { best = (int)v; best_s = s; }
+        }
+        tokens[m] = best; counts[m] = n;
     }
 }
 #endif
@@ -691,6 +804,57 @@ def matmul(a, b, trans_b=False):
     if not available():
         return jt.matmul(a, b.transpose(1, 0) if trans_b else b)
     return _MatMul()(a, b, trans_b)
+
+
+class GreedyHead:
+    """Greedy next tokens from the tied LM head, through a bfloat16 copy of the embedding.
+
+    Each generation step's full head streams the (vocab, C) float32 table (154 MB for
+    GPT-2): ~7.5 ms of a ~30 ms step at batch 4. The bfloat16 copy halves that; the
+    tokens its error bound cannot rule out are recomputed in float32 exactly as the full
+    head computes them, so the chosen tokens are the full head's (proof in greedy_head
+    above). The copy (half the table's size) is made from the weight as it is when
+    built; a changed weight (Jittor gives it a new id) needs a new GreedyHead.
+    """
+
+    def __init__(self, weight):
+        V, C = weight.shape
+        self.weight, self.weight_id = weight, weight.id
+        self.table, self.bound, ok = jt.code(
+            [(V, C), (V,), (1,)], ["uint16", "float32", "int32"], [weight], cpu_header=_HEADER, cpu_src=r"""
+    #ifdef __AVX512F__
+    out2_p[0] = gpt2cpu::bf16_table(in0_shape0, in0_shape1, in0_p, out0_p, out1_p);
+    #else
+    out2_p[0] = 0;  // compiled without AVX-512: the full head is used
+    #endif
+""")
+        self.ok = bool(ok.item())
+        self.counts = None  # per row, the tokens recomputed exactly at the last step
+
+    @classmethod
+    def build(cls, weight):
+        """A GreedyHead for weight (vocab, C), or None where it cannot run: no CPU kernels,
+        no AVX-512, C not a multiple of 16, or a non-finite weight."""
+        if not available() or weight.shape[1] % 16:
+            return None
+        head = cls(weight)
+        return head if head.ok else None
+
+    def next_tokens(self, h):
+        """argmax over the vocabulary of h (B, C) @ weight^T, per row (numpy int64); None
+        when a row of h is not finite (no bound holds; use the full head)."""
+        if self.weight.id != self.weight_id:
+            raise RuntimeError("GreedyHead: the weight changed since its bfloat16 copy was made; build a new one")
+        B = h.shape[0]
+        tokens, counts = jt.code(
+            [(B,), (B,)], ["int32", "int32"], [h, self.weight, self.table, self.bound],
+            cpu_header=_HEADER, cpu_src=r"""
+    #ifdef __AVX512F__
+    gpt2cpu::greedy_head(in0_shape0, in1_shape0, in1_shape1, in0_p, in1_p, in2_p, in3_p, out0_p, out1_p);
+    #endif
+""")
+        tokens, self.counts = tokens.numpy(), counts.numpy()
+        return None if (tokens < 0).any() else tokens.astype(np.int64)
 
 
 _LORA_HEAD = r"""

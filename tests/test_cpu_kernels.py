@@ -222,3 +222,54 @@ def test_decode_steps_equal_the_full_forward_at_a_wide_model():
     d = max(rel_err(s, full[:, t]) for s, t in zip(steps, range(15, 20)))
     print(f"\ndecode steps (KV cache, few-row products) vs full forward: relative diff of logits {d:.1e}")
     assert d < 1e-5
+
+
+def test_greedy_head_picks_the_full_heads_argmax_even_among_near_ties():
+    """GreedyHead (bfloat16 prefilter + exact recheck) against argmax of the full float32 head,
+    on a table built to defeat the prefilter: groups of rows that differ by less than
+    bfloat16 can resolve, and exact duplicates (the first index must win, as in numpy)."""
+    rng = np.random.default_rng(8)
+    V, C, M = 3000, 96, 16
+    E = rng.normal(size=(V, C)).astype(np.float32) * 0.05
+    base, other = rng.normal(size=(2, C)).astype(np.float32)
+    E[100:400] = base + rng.normal(size=(300, C)).astype(np.float32) * 1e-4  # closer than bf16 resolves
+    E[2000] = E[2500] = other                                               # exact duplicates
+    h = rng.normal(size=(M, C)).astype(np.float32)
+    h[:6] = base * rng.uniform(0.5, 2, size=(6, 1)) + rng.normal(size=(6, C)) * 0.01   # the near ties win
+    h[6:10] = other * rng.uniform(0.5, 2, size=(4, 1)) + rng.normal(size=(4, C)) * 0.01  # the duplicates win
+    head = K.GreedyHead.build(jt.array(E))
+    if head is None:
+        pytest.skip("GreedyHead cannot run here (no AVX-512)")
+    Ej = head.weight
+    ours = head.next_tokens(jt.array(h))
+    full = K.matmul(jt.array(h), Ej, trans_b=True).numpy()
+    print(f"\ngreedy head: tokens {ours.tolist()}; recomputed exactly per row {head.counts.tolist()}")
+    assert np.array_equal(ours, full.argmax(-1))
+    assert ((100 <= ours[:6]) & (ours[:6] < 400)).all() and head.counts[:6].min() > 100  # many candidates
+    assert (ours[6:10] == 2000).all()  # of two equal logits the first index, as numpy's argmax
+    nan_h = h.copy()
+    nan_h[3, 5] = np.nan
+    assert head.next_tokens(jt.array(nan_h)) is None  # no bound holds: the caller uses the full head
+    Ej.assign(Ej * 2)
+    with pytest.raises(RuntimeError, match="weight changed"):
+        head.next_tokens(jt.array(h))
+    bad = E.copy()
+    bad[7, 3] = np.inf
+    assert K.GreedyHead.build(jt.array(bad)) is None
+    assert K.GreedyHead.build(jt.array(E[:, :90])) is None  # width not a multiple of 16
+
+
+def test_generate_rebuilds_the_greedy_head_when_the_embedding_changes():
+    from GPT2_jittor import GPT, GPTConfig
+    jt.set_global_seed(9)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=300))
+    model.eval()
+    ids = np.random.default_rng(9).integers(0, 300, (2, 5))
+    model.generate(ids, 6)
+    head = model._greedy_head()
+    model.wte.weight.assign(jt.array(np.random.default_rng(10).normal(size=(300, 32)).astype(np.float32)))
+    second = model.generate(ids, 6)
+    assert model._greedy_head() is not head
+    model._greedy = (model.wte.weight.id, None)  # the full head for comparison
+    assert np.array_equal(second, model.generate(ids, 6))
+    print(f"\ngreedy head rebuilt after wte changed; tokens equal the full head's: {second[:, 5:].tolist()}")
