@@ -342,14 +342,15 @@ static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16
 // in thread order.
 static void gemm_few_nn(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
                         float alpha, float beta) {
-    const int nt = omp_get_max_threads();
+    const int slots = omp_get_max_threads();
     // 16 KB between the threads' partials: adjacent ones ran at 16-18 GB/s instead of 25
     // (measured; the cores' prefetchers reach into each other's lines)
     const int64_t stride = M * N + 4096;
-    std::vector<float> part((size_t)nt * stride);
-    #pragma omp parallel num_threads(nt)
+    std::vector<float> part((size_t)slots * stride);
+    #pragma omp parallel num_threads(slots)
     {
-        const int t = omp_get_thread_num();
+        // the team may be smaller than asked (a nested region runs on one thread)
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t k0 = K * t / nt, k1 = K * (t + 1) / nt;
         float* y = part.data() + t * stride;
         std::fill(y, y + M * N, 0.f);
@@ -487,11 +488,11 @@ static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const f
         hn[m] = std::sqrt(s) * (1 + 1e-6);
     }
     std::vector<float> approx((size_t)M * V);
-    const int nt = omp_get_max_threads();
-    std::vector<double> lower((size_t)nt * M, -INFINITY);  // per thread: max_v (s~ - bound)
-    #pragma omp parallel num_threads(nt)
+    const int slots = omp_get_max_threads();
+    std::vector<double> lower((size_t)slots * M, -INFINITY);  // per thread: max_v (s~ - bound)
+    #pragma omp parallel num_threads(slots)
     {
-        const int t = omp_get_thread_num();
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();  // the team may be smaller
         const int64_t v0 = V * t / nt, v1 = V * (t + 1) / nt;
         for (int64_t v = v0; v < v1; v++) {
             const uint16_t* b = Eb + v * K;
@@ -519,7 +520,7 @@ static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const f
     for (int64_t m = 0; m < M; m++) {
         if (!finite[m]) { tokens[m] = -1; counts[m] = 0; continue; }
         double L = -INFINITY;
-        for (int u = 0; u < nt; u++) L = std::max(L, lower[u * M + m]);
+        for (int u = 0; u < slots; u++) L = std::max(L, lower[u * M + m]);
         int best = -1, n = 0;
         float best_s = 0.f, s;
         for (int64_t v = 0; v < V; v++) {

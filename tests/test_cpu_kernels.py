@@ -273,3 +273,18 @@ def test_generate_rebuilds_the_greedy_head_when_the_embedding_changes():
     model._greedy = (model.wte.weight.id, None)  # the full head for comparison
     assert np.array_equal(second, model.generate(ids, 6))
     print(f"\ngreedy head rebuilt after wte changed; tokens equal the full head's: {second[:, 5:].tolist()}")
+
+
+def test_few_row_products_inside_a_parallel_region():
+    """Called from inside a parallel region, gemm_few gets a team of one thread (nested
+    regions are off): each caller must still sum over all of K."""
+    rng = np.random.default_rng(11)
+    x, W = rng.normal(size=(2, 4, 640)).astype(np.float32), rng.normal(size=(640, 800)).astype(np.float32)
+    y = jt.code((2, 4, 800), "float32", [jt.array(x), jt.array(W)], cpu_header=K._HEADER, cpu_src=r"""
+    #pragma omp parallel for num_threads(2)
+    for (int i = 0; i < 2; i++)
+        gpt2cpu::gemm('N', 'N', 4, 800, 640, (const float*)in0_p + i * 4 * 640, (const float*)in1_p, out0_p + i * 4 * 800);
+""").numpy()
+    d = rel_err(y, x.astype(np.float64) @ W)
+    print(f"\nfew-row products in a parallel region: relative diff to float64 {d:.1e}")
+    assert d < 2e-6
