@@ -443,6 +443,7 @@ static void gemm_few_nt(int64_t M, int64_t N, int64_t K, const float* A, const f
 // be the argmax; the others are recomputed with dot_rows, exactly as the full head does
 // for up to FEW_ROWS rows (gemm_few_nt), and the first largest wins (numpy's argmax). So
 // the tokens equal the full head's.
+
 // Eb (V, K) and per row c_v = e_v + g (2 |E_v| + e_v), so that bound_v = |h| c_v. Sums of
 // squares run in float32 over 16 lanes (relative rounding < 1e-5 for any K here) and c_v
 // is enlarged by 1e-4 to stay an upper bound. Returns false when E holds a non-finite
@@ -488,6 +489,7 @@ static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const f
         }
         hn[m] = std::sqrt(s) * (1 + 1e-6);
     }
+    const double tiny = 1e-30;  // products flushed to zero (-Ofast): at most K * 2^-126 per logit
     std::vector<float> approx((size_t)M * V);
     const int slots = omp_get_max_threads();
     std::vector<double> lower((size_t)slots * M, -INFINITY);  // per thread: max_v (s~ - bound)
@@ -512,7 +514,7 @@ static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const f
                     const int64_t m = m0 + i;
                     const float s = _mm512_reduce_add_ps(acc[i]);
                     approx[m * V + v] = s;
-                    lower[t * M + m] = std::max(lower[t * M + m], s - hn[m] * c[v]);
+                    lower[t * M + m] = std::max(lower[t * M + m], s - hn[m] * c[v] - tiny);
                 }
             }
         }
@@ -525,7 +527,7 @@ static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const f
         int best = -1, n = 0;
         float best_s = 0.f, s;
         for (int64_t v = 0; v < V; v++) {
-            if (approx[m * V + v] + hn[m] * c[v] < L) continue;  // cannot be the argmax
+            if (approx[m * V + v] + hn[m] * c[v] + tiny < L) continue;  // cannot be the argmax
             dot_rows(E + v * K, h + m * K, K, 1, &s, false);
             n++;
             if (best < 0 || s > best_s) { best = (int)v; best_s = s; }
