@@ -380,7 +380,9 @@ class GPT(nn.Module):
             c = self.config
             past = [cpu_kernels.KVCache(B, c.n_head, c.n_embd // c.n_head, T + max_new_tokens)
                     for _ in range(c.n_layer)]
-        head = self._greedy_head() if temperature == 0.0 else None  # None: the full head
+        # greedy: GreedyHead where it pays (None: the full head); built once per wte version
+        greedy = temperature == 0.0 and B <= cpu_kernels.GreedyHead.MAX_ROWS
+        head = self._greedy_head() if greedy else None
         with jt.no_grad():
             for step in range(max_new_tokens):
                 h, past = self._hidden(step_in, mask, past, last_only=True)

@@ -389,20 +389,35 @@ static void gemm_few_nn(int64_t M, int64_t N, int64_t K, const float* A, const f
     }
 }
 
-// Dot products of one row b (K floats) with up to 4 rows of A (lda = K), in a fixed order
-// (16 lanes, then _mm512_reduce_add_ps): the greedy LM head below recomputes logits with
-// this same function, so its values are bit-identical to the full head's.
-static inline void dot_rows(const float* b, const float* A, int64_t K, int64_t mm, float* out, bool prefetch) {
+// 16 elements of a row as float32: float32 as it is, bfloat16 (GreedyHead's table) as the
+// top half of a float32; masked: only the lanes in mk, zeros elsewhere.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const float* p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
+static inline __m512 load16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 load16(const uint16_t* p, __mmask16 mk) {
+    uint16_t t[16] = {0};
+    for (int i = 0; i < 16; i++) if (mk >> i & 1) t[i] = p[i];
+    return load16(t);
+}
+
+// Dot products of one row b (K elements) with up to 4 float32 rows of A (lda = K), in a
+// fixed order (16 lanes, then _mm512_reduce_add_ps): the greedy LM head below recomputes
+// logits with this same function, so its values are bit-identical to the full head's.
+// prefetch: every cache line of b, PREFETCH_BYTES / 4 elements ahead.
+template <class T>
+static inline void dot_rows(const T* b, const float* A, int64_t K, int64_t mm, float* out, bool prefetch) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        if (prefetch) _mm_prefetch((const char*)(b + k) + PREFETCH_BYTES, _MM_HINT_T0);  // each line
-        const __m512 w = _mm512_loadu_ps(b + k);
+        if (prefetch && k * sizeof(T) % 64 == 0) _mm_prefetch((const char*)(b + k + PREFETCH_BYTES / 4), _MM_HINT_T0);
+        const __m512 w = load16(b + k);
         for (int64_t i = 0; i < mm; i++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * K + k), w, acc[i]);
     }
     if (k < K) {
         const __mmask16 mk = tail_mask(K - k);
-        const __m512 w = _mm512_maskz_loadu_ps(mk, b + k);
+        const __m512 w = load16(b + k, mk);
         for (int64_t i = 0; i < mm; i++) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, A + i * K + k), w, acc[i]);
     }
     for (int64_t i = 0; i < mm; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
@@ -497,27 +512,17 @@ static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const f
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();  // the team may be smaller
         const int64_t v0 = V * t / nt, v1 = V * (t + 1) / nt;
-        for (int64_t v = v0; v < v1; v++) {
-            const uint16_t* b = Eb + v * K;
+        float s[4];
+        for (int64_t v = v0; v < v1; v++)
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 const int64_t mm = std::min<int64_t>(4, M - m0);
-                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int64_t k = 0; k < K; k += 16) {
-                    if (m0 == 0 && k % 32 == 0) _mm_prefetch((const char*)(b + k) + PREFETCH_BYTES / 2, _MM_HINT_T0);
-                    // bfloat16 -> float32: the 16 bits are the top half of the float
-                    const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + k))), 16));
-                    for (int64_t i = 0; i < mm; i++)
-                        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(h + (m0 + i) * K + k), w, acc[i]);
-                }
+                dot_rows(Eb + v * K, h + m0 * K, K, mm, s, m0 == 0);
                 for (int64_t i = 0; i < mm; i++) {
                     const int64_t m = m0 + i;
-                    const float s = _mm512_reduce_add_ps(acc[i]);
-                    approx[m * V + v] = s;
-                    lower[t * M + m] = std::max(lower[t * M + m], s - hn[m] * c[v] - tiny);
+                    approx[m * V + v] = s[i];
+                    lower[t * M + m] = std::max(lower[t * M + m], s[i] - hn[m] * c[v] - tiny);
                 }
             }
-        }
     }
     #pragma omp parallel for schedule(dynamic)
     for (int64_t m = 0; m < M; m++) {
@@ -528,7 +533,7 @@ static void greedy_head(int64_t M, int64_t V, int64_t K, const float* h, const f
         float best_s = 0.f, s;
         for (int64_t v = 0; v < V; v++) {
             if (approx[m * V + v] + hn[m] * c[v] + tiny < L) continue;  // cannot be the argmax
-            dot_rows(E + v * K, h + m * K, K, 1, &s, false);
+            dot_rows(E + v * K, h + m * K, K, 1, &s, false);  // as gemm_few_nt computes it
             n++;
             if (best < 0 || s > best_s) { best = (int)v; best_s = s; }
         }
