@@ -211,17 +211,63 @@ def test_collate_pads_right_and_masks(tok, sample):
     assert D.count_tokens(batch) == sum(lengths)
 
 
-def test_batches_deterministic_per_seed_and_epoch(sample):
-    features = list(range(len(sample)))  # only len() matters without bucketing
-    a = D.batches(features, 8, seed=1, epoch=0)
-    assert a == D.batches(features, 8, seed=1, epoch=0)
-    assert a != D.batches(features, 8, seed=1, epoch=1)
-    assert sorted(i for b in a for i in b) == list(range(len(sample)))
-    assert [len(b) for b in a] == [8] * 6 + [5]
-    assert [len(b) for b in D.batches(features, 8, seed=1, epoch=0, drop_last=True)] == [8] * 6
-    assert D.batches(features, 8, seed=1, epoch=0, shuffle=False)[0] == list(range(8))
-    # a resumed run that skips the first k batches sees exactly the rest of the epoch
-    assert D.batches(features, 8, seed=1, epoch=3)[2:] == D.batches(features, 8, seed=1, epoch=3)[2:]
+def test_batches_pin_the_order_per_seed_and_epoch():
+    """The exact batches of a small case, written out: a resumed run skips the first k batches
+    of the epoch it stopped in, so the order must not change between runs or versions."""
+    features = list(range(10))  # only len() matters without bucketing
+    # np.random.default_rng(seed + epoch).permutation(10), cut into batches of 4
+    expected = {0: [[8, 4, 7, 0], [1, 2, 5, 9], [6, 3]],
+                1: [[2, 0, 7, 6], [9, 5, 3, 4], [8, 1]],
+                2: [[9, 6, 0, 2], [1, 4, 7, 5], [3, 8]]}
+    got = {epoch: D.batches(features, 4, seed=1, epoch=epoch) for epoch in expected}
+    print(f"\nseed 1, 10 examples, batch 4: {got}")
+    assert got == expected
+    assert D.batches(features, 4, seed=1, epoch=0, drop_last=True) == expected[0][:2]
+    assert D.batches(features, 4, seed=1, epoch=0, shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_batches_cover_each_example_once_per_epoch_in_a_new_order():
+    features = list(range(53))
+    epochs = [D.batches(features, 8, seed=1, epoch=e) for e in range(4)]
+    for groups in epochs:
+        assert [len(b) for b in groups] == [8] * 6 + [5]
+        assert sorted(i for b in groups for i in b) == list(range(53))  # every index exactly once
+    flat = [tuple(i for b in groups for i in b) for groups in epochs]
+    assert len(set(flat)) == 4, "two epochs saw the examples in the same order"
+    kept = D.batches(features, 8, seed=1, epoch=0, drop_last=True)
+    assert kept == epochs[0][:6]
+
+
+class _Len:
+    """A stand-in feature: batches(bucket=True) reads only len(input_ids)."""
+    def __init__(self, n):
+        self.input_ids = [0] * n
+
+
+def test_bucketed_batches_pin_the_order_and_group_similar_lengths():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 6, 4, 10]
+    features = [_Len(n) for n in lengths]
+    # permutation [8, 4, 7, 0, 1, 2, 5, 9, 6, 3] sorted by length -> [1, 5, 3 | 8, 0, 7 | 4, 6, 2 | 9],
+    # then the batch order is shuffled by the same generator
+    assert D.batches(features, 3, seed=1, epoch=0, bucket=True) == [[8, 0, 7], [9], [4, 6, 2], [1, 5, 3]]
+    assert D.batches(features, 3, seed=1, epoch=0, bucket=True, shuffle=False) == \
+        [[1, 5, 3], [8, 0, 7], [4, 6, 2], [9]]
+    # several chunks (64 * batch_size = 256 examples each): still each example once per epoch
+    rng = np.random.default_rng(0)
+    n = 701
+    features = [_Len(int(k)) for k in rng.integers(1, 400, n)]
+    epochs = [D.batches(features, 4, seed=3, epoch=e, bucket=True) for e in range(3)]
+    for groups in epochs:
+        assert sorted(i for b in groups for i in b) == list(range(n))
+        assert sorted(len(b) for b in groups) == [1] + [4] * 175
+        spans = [len(features[b[-1]].input_ids) - len(features[b[0]].input_ids) for b in groups]
+        assert min(spans) >= 0, "a bucketed batch is not sorted by length"
+        print(f"\nbucketed, {n} examples in 3 chunks, batch 4: mean length span within a batch "
+              f"{np.mean(spans):.1f} (lengths 1..399)")
+        assert np.mean(spans) < 10
+    assert len({tuple(map(tuple, g)) for g in epochs}) == 3
+    dropped = D.batches(features, 4, seed=3, epoch=0, bucket=True, drop_last=True)
+    assert len(dropped) == n // 4 and len({i for b in dropped for i in b}) == n // 4 * 4
 
 
 def _padding_fraction(features, groups):
@@ -237,7 +283,6 @@ def test_bucketing_reduces_padding(tok, sample, request):
         features = D.encode_dataset(tok, sample)[0]
     plain = D.batches(features, 16, seed=0, epoch=0)
     bucketed = D.batches(features, 16, seed=0, epoch=0, bucket=True)
-    assert bucketed == D.batches(features, 16, seed=0, epoch=0, bucket=True)
     assert bucketed != D.batches(features, 16, seed=0, epoch=1, bucket=True)
     assert sorted(i for b in bucketed for i in b) == list(range(len(features)))
     p_plain, p_bucket = _padding_fraction(features, plain), _padding_fraction(features, bucketed)
