@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt2_lora_dataset import read_squad
 from model_utils import (evaluate_squad, exact_match_score, f1_score,
                          metric_max_over_ground_truths, normalize_answer)
 
@@ -154,5 +155,19 @@ def test_reference_predictions(dev_dataset, name):
     assert (round(result["exact_match"], 3), round(result["f1"], 3)) == REFERENCE[name]
 
 
-def test_question_count(dev_dataset):
-    assert sum(len(p["qas"]) for a in dev_dataset for p in a["paragraphs"]) == 10570
+def test_every_dev_question_is_read_and_scored(dev_dataset, capsys):
+    """read_squad yields all 10,570 dev questions, and evaluate_squad averages over all of them:
+    the gold answer for every question but one gives 100 * 10569 / 10570, not 100."""
+    examples, n_skipped = read_squad(DEV)
+    assert (len(examples), n_skipped) == (10_570, 0)
+    assert len({ex.id for ex in examples}) == 10_570
+    left_out = examples[5_000]
+    preds = {ex.id: ex.answers[0] for ex in examples if ex is not left_out}
+    result = evaluate_squad(dev_dataset, preds)
+    warnings = capsys.readouterr().err
+    expected = 100 * 10_569 / 10_570
+    with capsys.disabled():
+        print(f"\ndev set: {len(examples)} questions read; gold answers for all but one: "
+              f"EM {result['exact_match']:.6f} F1 {result['f1']:.6f} (expected {expected:.6f})")
+    assert result == pytest.approx({"exact_match": expected, "f1": expected}, abs=1e-9)
+    assert warnings.strip() == f"Unanswered question {left_out.id} will receive score 0."
