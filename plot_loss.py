@@ -67,7 +67,8 @@ def smooth_ema(values, weight):
 
 
 def plot_runs(run_dirs, out_path, smooth=0.9, labels=None, title=None):
-    """Draw every run's losses into one image at out_path (format from its suffix)."""
+    """Draw every run's losses into one image at out_path (format from its suffix); returns
+    the matplotlib Figure, so a caller (or a test) can read what was drawn."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("no run folder given")
@@ -120,7 +121,7 @@ def plot_runs(run_dirs, out_path, smooth=0.9, labels=None, title=None):
     if title:
         ax.set_title(title)
     atomic_write(out_path, lambda f: fig.savefig(f, format=fmt), mode="wb")
-    return out_path
+    return fig
 
 
 if __name__ == "__main__":
@@ -137,8 +138,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     labels = args.labels.split(",") if args.labels is not None else None
     try:
-        out = plot_runs(args.run_dirs, args.out, smooth=args.smooth, labels=labels, title=args.title)
+        plot_runs(args.run_dirs, args.out, smooth=args.smooth, labels=labels, title=args.title)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {out} ({len(args.run_dirs)} run{'s' if len(args.run_dirs) > 1 else ''})")
+    print(f"wrote {args.out} ({len(args.run_dirs)} run{'s' if len(args.run_dirs) > 1 else ''})")

@@ -1,4 +1,5 @@
-"""plot_loss.py: loss-file parsing, the PNG it writes, and its error messages.
+"""plot_loss.py: loss-file parsing, the curves it draws (the Figure's lines and legend, the
+PNG's pixels), and its error messages.
 
     .venv/bin/python -m pytest tests/test_plot_loss.py
 """
@@ -6,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.colors import to_hex, to_rgb
+from matplotlib.image import imread
 
 from plot_loss import plot_runs, read_loss_file, smooth_ema
 
@@ -15,15 +19,67 @@ REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def curves(n=40, val_every=10):
+    """(train, val) as make_run writes them: lists of (step, loss), losses at 4 decimals."""
+    train = [(s, float(f"{3.0 / s ** 0.3:.4f}")) for s in range(1, n + 1)]
+    val = [(s, float(f"{3.2 / s ** 0.3:.4f}")) for s in range(val_every, n + 1, val_every)] if val_every else []
+    return train, val
+
+
 def make_run(root, name, n=40, val_every=10, header=True):
     d = root / name
     d.mkdir()
     head = "# step\tloss\n" if header else ""
-    (d / "train_loss.txt").write_text(head + "".join(f"{s}\t{3.0 / s ** 0.3:.4f}\n" for s in range(1, n + 1)))
+    train, val = curves(n, val_every)
+    (d / "train_loss.txt").write_text(head + "".join(f"{s}\t{v:.4f}\n" for s, v in train))
     if val_every:
-        (d / "val_loss.txt").write_text(
-            head + "".join(f"{s}\t{3.2 / s ** 0.3:.4f}\n" for s in range(val_every, n + 1, val_every)))
+        (d / "val_loss.txt").write_text(head + "".join(f"{s}\t{v:.4f}\n" for s, v in val))
     return d
+
+
+def ema_by_hand(values, w):
+    """TensorBoard's smoothing: EMA from 0, divided by 1 - w^n (no pull towards 0 at the start)."""
+    out, ema = [], 0.0
+    for n, v in enumerate(values, start=1):
+        ema = w * ema + (1 - w) * v
+        out.append(ema / (1 - w ** n))
+    return out
+
+
+def expected_lines(runs, smooth):
+    """[(colour, line style, x, y)] in drawing order: per run the raw training curve, its EMA, validation."""
+    lines = []
+    for i, (train, val) in enumerate(runs):
+        colour, steps, losses = to_hex(f"C{i}"), [s for s, _ in train], [v for _, v in train]
+        lines.append((colour, "-", steps, losses))
+        if smooth:
+            lines.append((colour, "-", steps, ema_by_hand(losses, smooth)))
+        if val:
+            lines.append((colour, "--", [s for s, _ in val], [v for _, v in val]))
+    return lines
+
+
+def drawn_lines(fig):
+    (ax,) = fig.axes
+    return [(to_hex(l.get_color()), l.get_linestyle(), list(l.get_xdata()), list(l.get_ydata()))
+            for l in ax.get_lines()]
+
+
+def assert_same_lines(got, expected):
+    assert [g[:3] for g in got] == [e[:3] for e in expected]  # colour, style, steps
+    worst = max(np.abs(np.subtract(g[3], e[3])).max() for g, e in zip(got, expected))
+    print(f"\n{len(got)} lines drawn; max |y drawn - y expected| = {worst:.1e}")
+    assert worst <= 1e-12
+
+
+def legend_texts(fig):
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def colour_pixels(png, colour):
+    """Number of pixels of the PNG in `colour` (antialiased edges excluded)."""
+    rgb = imread(str(png))[..., :3]
+    return int((np.abs(rgb - np.array(to_rgb(colour))).max(-1) < 0.02).sum())
 
 
 def run_cli(*args):
@@ -87,17 +143,32 @@ def test_cli_two_runs_png(tmp_path):
     assert r.returncode == 0, r.stderr
     assert_png(out)
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary behind
+    # the curves are in the image: far more pixels of each run's colour than its legend line
+    # holds (~100 pixels; an EMA curve across the plot ~2,000)
+    counts = {c: colour_pixels(out, c) for c in ("C0", "C1")}
+    print(f"\npixels in run A's colour {counts['C0']}, run B's {counts['C1']}")
+    assert min(counts.values()) > 1000
 
 
-def test_plot_runs_function(tmp_path):
+def test_plot_runs_draws_every_curve_and_a_legend_entry_per_run(tmp_path):
     a = make_run(tmp_path, "run_a")
-    out = plot_runs([a], tmp_path / "c.png", smooth=0.0)
-    assert_png(out)
+    b = make_run(tmp_path, "run_b", n=30, val_every=0, header=False)
+    fig = plot_runs([a, b], tmp_path / "c.png", smooth=0.8, labels=["A", "B"], title="test")
+    assert_png(tmp_path / "c.png")
+    assert_same_lines(drawn_lines(fig), expected_lines([curves(), curves(30, 0)], 0.8))
+    assert legend_texts(fig) == ["A", "B", "train (raw)", "train (EMA 0.8)", "validation"]
+    assert fig.axes[0].get_title() == "test"
+
+
+def test_plot_runs_without_smoothing_or_validation(tmp_path):
+    fig = plot_runs([make_run(tmp_path, "run_a", val_every=0)], tmp_path / "c.png", smooth=0.0)
+    assert_same_lines(drawn_lines(fig), expected_lines([curves(val_every=0)], 0.0))
+    assert legend_texts(fig) == ["run_a", "train (raw)"]
 
 
 def test_plot_runs_svg(tmp_path):
-    out = plot_runs([make_run(tmp_path, "run_a")], tmp_path / "c.svg")
-    assert out.read_text().lstrip().startswith("<?xml")
+    plot_runs([make_run(tmp_path, "run_a")], tmp_path / "c.svg")
+    assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
 
 
 # ----------------------------------------------------------------------------
