@@ -144,10 +144,10 @@ def test_cli_two_runs_png(tmp_path):
     assert_png(out)
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary behind
     # the curves are in the image: far more pixels of each run's colour than its legend line
-    # holds (~100 pixels; an EMA curve across the plot ~2,000)
+    # holds (measured: 152 with the curves off the axes; 1,188 and 1,898 with them)
     counts = {c: colour_pixels(out, c) for c in ("C0", "C1")}
     print(f"\npixels in run A's colour {counts['C0']}, run B's {counts['C1']}")
-    assert min(counts.values()) > 1000
+    assert min(counts.values()) > 500
 
 
 def test_plot_runs_draws_every_curve_and_a_legend_entry_per_run(tmp_path):
