@@ -262,15 +262,18 @@ def _peft_adapter(tmp_path, name, **kw):
 
 
 def test_adapter_for_wider_base_is_rejected(hf_checkpoints, tmp_path):
-    adapter = _peft_adapter(tmp_path, "tiny", )
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    from safetensors.numpy import load_file, save_file
-    t = load_file(str(adapter / "adapter_model.safetensors"))
-    t = {k: np.zeros((v.shape[0], 768), np.float32) if "lora_A" in k else v for k, v in t.items()}
-    save_file(t, str(adapter / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 768\), expected \(4, 64\): the adapter was made for a different base"):
-        LoRAGPT.from_pretrained(hf_checkpoints(NAME), adapter)
-    assert cfg["r"] == 4
+    """A real PEFT adapter made on a 128-wide GPT-2 (same layers and key names) against our
+    64-wide base; the same base takes the adapter made for its own width."""
+    _peft_adapter(tmp_path / "own", NAME)
+    own = LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path / "own")
+    assert own.lora_modules["h.0.attn.c_attn"].lora_A.shape == [4, 64]
+    wide = peft_wrap(make_hf_model(NAME, n_embd=128), 4, 8, ("c_attn", "c_proj", "c_fc"), init=False)
+    wide.save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: h.0.attn.c_attn.lora_A has shape \(4, 128\), "
+                                         r"expected \(4, 64\): the adapter was made for a different base model "
+                                         r"\(n_embd=64\)") as e:
+        LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path / "wide")
+    print(f"\n{e.value}")
 
 
 def test_missing_and_extra_adapter_keys(hf_checkpoints, tmp_path):
