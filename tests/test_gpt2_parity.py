@@ -74,38 +74,51 @@ def test_greedy_generate_matches_transformers_and_no_cache(hf_checkpoints):
     model = GPT.from_pretrained(path)
     ids, mask = batch_with_padding(np.random.default_rng(3), B=3, T=12, vocab=50257, side="left")
 
-    ours = model.generate(ids, 12, attention_mask=mask)
-    # The eos test: make the token row 0 emits at its 4th step the eos token, so that row
-    # finishes early and must be padded while the others go on.
-    eos = int(ours[0, 12 + 3])
-    ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=eos)
+    without_eos = model.generate(ids, 12, attention_mask=mask)
+    # The eos test: take the token row 0 emits at its 4th step (and not before) as the eos
+    # token, so that row finishes early and must be padded while the others go on.
+    eos = int(without_eos[0, 12 + 3])
+    assert eos not in without_eos[0, 12:12 + 3]
+    with_eos = model.generate(ids, 12, attention_mask=mask, eos_token_id=eos)
     with torch.no_grad():
         ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
                           do_sample=False, eos_token_id=eos, pad_token_id=eos).numpy()
-    print(f"\ngenerate: ours {ours[:, 12:].tolist()}\n          HF   {ref[:, 12:].tolist()}")
-    assert ours.shape == ref.shape and (ours == ref).all()
-    assert (ours[0, 12 + 3:] == eos).all()
-    assert ours.shape[1] > 12 + 4 and len(set(ours[:, 12:].ravel().tolist())) > 3  # not a trivial case
+    n_diff = int((with_eos != ref).sum()) if with_eos.shape == ref.shape else -1
+    print(f"\ngenerate: ours {with_eos[:, 12:].tolist()}\n          HF   {ref[:, 12:].tolist()}\n"
+          f"          {n_diff} tokens differ")
+    assert with_eos.shape == ref.shape and n_diff == 0
+    assert (with_eos[0, 12 + 3:] == eos).all()
+    assert with_eos.shape[1] > 12 + 4 and len(set(with_eos[:, 12:].ravel().tolist())) > 3  # not a trivial case
 
-    # Without the cache: re-run the whole (growing) sequence for every new token.
-    seq, m = ids.copy(), mask.copy()
+    # Without the KV cache: re-run the whole (growing) sequence for every new token.
+    no_cache, m = ids.copy(), mask.copy()
     for _ in range(12):
-        logits = model(jt.array(seq), attention_mask=jt.array(m)).numpy()[:, -1]
-        seq = np.concatenate([seq, logits.argmax(-1)[:, None]], 1)
+        logits = model(jt.array(no_cache), attention_mask=jt.array(m)).numpy()[:, -1]
+        no_cache = np.concatenate([no_cache, logits.argmax(-1)[:, None]], 1)
         m = np.concatenate([m, np.ones((3, 1), m.dtype)], 1)
-    nocache = model.generate(ids, 12, attention_mask=mask)
-    assert (seq == nocache).all()
+    n_diff = int((no_cache != without_eos).sum())
+    print(f"          KV-cache generate vs full forward per token: {n_diff} tokens differ")
+    assert n_diff == 0
 
 
 def test_sampling_is_seeded_and_respects_top_k(hf_checkpoints):
-    model = GPT.from_pretrained(hf_checkpoints("tiny"))
+    # GPT-2's own init: logits of |logit| ~ 1, so temperature 1 really spreads over the top 5
+    model = GPT.from_pretrained(hf_checkpoints("tiny-gpt2init"))
     ids = np.random.default_rng(4).integers(0, 50257, (2, 5))
+    greedy = model.generate(ids, 6)
     a = model.generate(ids, 6, temperature=1.0, top_k=5, seed=123)
-    b = model.generate(ids, 6, temperature=1.0, top_k=5, seed=123)
-    assert (a == b).all()
+    assert (a == model.generate(ids, 6, temperature=1.0, top_k=5, seed=123)).all()
+    other_seeds = [model.generate(ids, 6, temperature=1.0, top_k=5, seed=s) for s in (1, 2, 3)]
+    # every sampled token is among the 5 most likely at its step (full forward, no cache)
+    logits = model(jt.array(a[:, :-1])).numpy()[:, 4:]  # predicts a[:, 5:]
+    rank = (logits > np.take_along_axis(logits, a[:, 5:, None], -1)).sum(-1)
+    print(f"\nsampled (top_k=5, seed 123) {a[:, 5:].tolist()}; rank of each token among the logits "
+          f"{rank.tolist()}; greedy {greedy[:, 5:].tolist()}")
+    assert rank.max() < 5
+    assert (a != greedy).any() and any((o != a).any() for o in other_seeds)  # it samples, by the seed
     # top_k=1 sampling is greedy
-    assert (model.generate(ids, 6, temperature=0.7, top_k=1, seed=0) == model.generate(ids, 6)).all()
-    assert (model.generate(ids, 6, temperature=0.7, top_p=1e-9, seed=0) == model.generate(ids, 6)).all()
+    assert (model.generate(ids, 6, temperature=0.7, top_k=1, seed=0) == greedy).all()
+    assert (model.generate(ids, 6, temperature=0.7, top_p=1e-9, seed=0) == greedy).all()
 
 
 def test_save_pretrained_round_trip_loads_in_transformers(hf_checkpoints, tmp_path):
@@ -174,13 +187,19 @@ def test_wrong_shape_unknown_and_missing_keys(hf_checkpoints, tmp_path):
         GPT.from_pretrained(_edited_checkpoint(src, tmp_path / "c", missing))
 
 
-def test_gpt2model_keys_without_prefix_load(hf_checkpoints, tmp_path):
-    src = hf_checkpoints("tiny")
-
-    def strip(t):
-        for k in list(t):
-            t[k[len("transformer."):] if k.startswith("transformer.") else k] = t.pop(k)
-    GPT.from_pretrained(_edited_checkpoint(src, tmp_path / "a", strip))
+def test_gpt2model_keys_without_prefix_load(tmp_path):
+    """A GPT2Model checkpoint (keys h.0..., no "transformer." prefix, no LM head), written by
+    transformers itself, gives the logits of the GPT2LMHeadModel it came from (tied head)."""
+    hf = make_hf_model("tiny")
+    hf.transformer.save_pretrained(str(tmp_path))
+    from safetensors.numpy import load_file
+    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert "h.0.attn.c_attn.weight" in keys and not any(k.startswith("transformer.") for k in keys)
+    model = GPT.from_pretrained(tmp_path)
+    ids = np.random.default_rng(6).integers(0, 50257, (2, 10))
+    diff = np.abs(hf_forward(hf, ids, np.ones_like(ids)) - model(jt.array(ids)).numpy()).max()
+    print(f"\nGPT2Model keys -> ours: max |logits - HF| = {diff:.3e}")
+    assert diff <= 1e-4
 
 
 def test_bin_without_torch_says_what_to_do(hf_checkpoints, monkeypatch):
