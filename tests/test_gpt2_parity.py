@@ -65,7 +65,10 @@ def test_supervised_logits_are_the_full_logits_at_those_positions(hf_checkpoints
     targets[0, 4], targets[1, 7], targets[1, 8] = 5, 6, 7
     full = model(jt.array(ids)).numpy()
     picked, _ = model(jt.array(ids), jt.array(targets))
-    np.testing.assert_allclose(picked.numpy(), full[[0, 1, 1], [4, 7, 8]], atol=1e-5)
+    diff = np.abs(picked.numpy() - full[[0, 1, 1], [4, 7, 8]]).max()
+    print(f"\nlogits at the 3 supervised positions vs the full forward's: max |diff| = {diff:.3e}")
+    assert picked.shape == [3, 50257]
+    assert diff <= 1e-5
 
 
 def test_greedy_generate_matches_transformers_and_no_cache(hf_checkpoints):
@@ -86,7 +89,8 @@ def test_greedy_generate_matches_transformers_and_no_cache(hf_checkpoints):
     n_diff = int((with_eos != ref).sum()) if with_eos.shape == ref.shape else -1
     print(f"\ngenerate: ours {with_eos[:, 12:].tolist()}\n          HF   {ref[:, 12:].tolist()}\n"
           f"          {n_diff} tokens differ")
-    assert with_eos.shape == ref.shape and n_diff == 0
+    assert with_eos.shape == ref.shape
+    assert n_diff == 0
     assert (with_eos[0, 12 + 3:] == eos).all()
     assert with_eos.shape[1] > 12 + 4 and len(set(with_eos[:, 12:].ravel().tolist())) > 3  # not a trivial case
 
