@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gpt2_lora_dataset import load_squad_json
+from gpt2_lora_dataset import load_squad_json, read_squad
+from model_utils import evaluate_squad
+from test_generation import subset_dataset
 from train_default_lora import TrainConfig, learning_rate, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +53,15 @@ def test_outputs_and_logs(split_files, tmp_path):
     assert [int(l.split()[0]) for l in (out / "val_loss.txt").read_text().splitlines()] == [0, 3, 6, 9]
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(rec) >= {"step", "loss", "lr", "tokens_per_s", "elapsed_s"}
+    # scores.json holds the official metric of the written predictions, on exactly those questions
     scores = json.loads((out / "scores.json").read_text())
-    assert scores["heldout"]["questions"] == 4 and 0 <= scores["heldout"]["f1"] <= 100
-    assert len(json.loads((out / "predictions.json").read_text())) == 4
+    for name, preds_file, data_file in (("heldout", "predictions.json", split_files[1]),
+                                        ("train", "predictions_train.json", split_files[0])):
+        preds = json.loads((out / preds_file).read_text())
+        assert list(preds) == [ex.id for ex in read_squad(data_file)[0][:4]]
+        expected = evaluate_squad(subset_dataset(load_squad_json(data_file), set(preds)), preds)
+        print(f"\n{name}: scores.json {scores[name]}, recomputed {expected}")
+        assert scores[name] == {**expected, "questions": 4}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["r"] == 8 and cfg["alpha"] == 16 and cfg["targets"] == "c_attn,c_proj,c_fc"
     peft_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
