@@ -10,10 +10,12 @@ copy with no transposes, and LoRA adapters in PEFT's format apply unchanged.
     logits, loss = model(idx, targets)           # targets[b, t] follows idx[b, t]; -100 = ignored
     out = model.generate(idx, 20, attention_mask=mask)   # greedy, KV cache, left padding
 
-On CPU with oneDNN, the heavy parts run as fused kernels from cpu_kernels.py (attention,
-projections with LoRA, LayerNorm, GELU, dropout; same formulas, faster): with targets and
-an attention mask, only the real tokens are computed (packed, no padding), and generate()
-keeps its KV cache in place. Without those kernels the plain Jittor code below runs.
+The code here is the plain formula of every part, and the reference the fast paths are
+tested against. runtime.prepare(model) is the one place that chooses what runs: on CPU
+with oneDNN it swaps in modules whose execute() runs the same formula as a fused kernel
+(cpu_kernels.py) and sets `fused` on the attention layers and the GPT, which then take
+the fused attention, packed training on the real tokens only (execute_packed) and an
+in-place KV cache for generation (execute_cached).
 
 Model code only: no argument parsing, logging or plotting here.
 """
@@ -27,7 +29,7 @@ import numpy as np
 from jittor_env import jt
 from jittor import nn
 import cpu_kernels
-from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
+from model_utils import atomic_save_safetensors, atomic_write_json, read_hf_weights
 
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (PyTorch / HF convention)
 
@@ -73,24 +75,8 @@ class GPTConfig:
 
 
 # ----------------------------------------------------------------------------
-# Building blocks
-
-def gelu_new(x):
-    # GPT-2's tanh approximation of GELU (transformers' NewGELUActivation).
-    # x*x*x, not x**3: Jittor's pow is a slow generic kernel on CPU.
-    # The clamp changes no float32 value (tanh(15) rounds to 1) but keeps Jittor's tanh
-    # gradient finite: it returns NaN for inputs below about -90, which a large negative
-    # pre-activation reaches after some training steps.
-    if cpu_kernels.available() and x.dtype == "float32":
-        return cpu_kernels.gelu_tanh(x)  # the same formula, multi-threaded, one pass each way
-    u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
-    return 0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0)))
-
-
-ACTIVATIONS = {"gelu_new": gelu_new, "gelu_pytorch_tanh": gelu_new,
-               "gelu": lambda x: 0.5 * x * (1.0 + jt.erf(x / math.sqrt(2.0))),
-               "relu": nn.relu}
-
+# Building blocks: the plain formulas. runtime.py may swap Conv1D, LayerNorm, NewGELU and
+# Dropout for subclasses that compute the same formula with cpu_kernels.
 
 class Conv1D(nn.Module):
     """Hugging Face's GPT-2 'Conv1D': a linear layer whose weight is stored (in, out)."""
@@ -100,9 +86,7 @@ class Conv1D(nn.Module):
         self.bias = jt.zeros((nf,), "float32")
 
     def execute(self, x):
-        # Flatten to 2-D: on CPU only 2-D matmuls go to oneDNN (see cpu_kernels.linear).
-        y = cpu_kernels.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.weight.shape[1])
+        return x @ self.weight + self.bias  # (..., in) @ (in, out): one 2-D matmul in Jittor
 
 
 class LayerNorm(nn.Module):
@@ -117,11 +101,32 @@ class LayerNorm(nn.Module):
         self.bias = jt.zeros((n,), "float32")
 
     def execute(self, x):
-        if cpu_kernels.available() and x.dtype == "float32":
-            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)  # same formula, one pass
         xc = x - x.mean(-1, keepdims=True)
         var = (xc * xc).mean(-1, keepdims=True)
         return xc / jt.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class NewGELU(nn.Module):
+    """GPT-2's tanh approximation of GELU (transformers' NewGELUActivation).
+
+    x*x*x, not x**3: Jittor's pow is a slow generic kernel. The clamp changes no float32
+    value (tanh(15) rounds to 1) but keeps Jittor's tanh gradient finite: it returns NaN
+    for inputs below about -90, which a large negative pre-activation reaches in training.
+    """
+
+    def execute(self, x):
+        u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
+        return 0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0)))
+
+
+class GELU(nn.Module):
+    """The exact GELU, x Phi(x) (transformers' "gelu")."""
+
+    def execute(self, x):
+        return 0.5 * x * (1.0 + jt.erf(x / math.sqrt(2.0)))
+
+
+ACTIVATIONS = {"gelu_new": NewGELU, "gelu_pytorch_tanh": NewGELU, "gelu": GELU, "relu": nn.ReLU}
 
 
 def causal_attention(q, k, v, key_mask, attn_drop):
@@ -132,7 +137,7 @@ def causal_attention(q, k, v, key_mask, attn_drop):
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    att = jt.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
+    att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
     # query i (absolute position Tk - Tq + i) may look at keys j <= Tk - Tq + i
     allowed = (jt.arange(Tk).reshape(1, Tk) <= jt.arange(Tq).reshape(Tq, 1) + (Tk - Tq))
     allowed = allowed.reshape(1, 1, Tq, Tk)
@@ -142,7 +147,7 @@ def causal_attention(q, k, v, key_mask, attn_drop):
     # row (a left-padding query) then gets uniform weights instead of NaN.
     att = jt.where(allowed, att, jt.float32(np.finfo(np.float32).min))
     att = attn_drop(nn.softmax(att, dim=-1))
-    return jt.matmul(att, v)  # (B, H, Tq, D)
+    return att @ v  # (B, H, Tq, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -151,48 +156,47 @@ class CausalSelfAttention(nn.Module):
         std = config.initializer_range
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd, std)  # q, k, v fused, in this order
         self.c_proj = Conv1D(config.n_embd, config.n_embd, std)
-        self.attn_dropout = cpu_kernels.Dropout(config.attn_pdrop)
-        self.resid_dropout = cpu_kernels.Dropout(config.resid_pdrop)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.fused = False  # set by runtime.py: cpu_kernels computes causal_attention's formula
 
-    def execute(self, x, key_mask=None, past=None, queries=None):
-        """x (B, T, C) -> (attention output, (k, v) cache), or x (rows, C) of packed real
-        tokens with key_mask a cpu_kernels.PackedRows -> (output rows, None). With a
-        cpu_kernels.KVCache as past, `queries`: only the last that many positions get an output."""
-        H = self.n_head
-        p_drop = self.attn_dropout.p if self.attn_dropout.is_train else 0.0
-        if isinstance(key_mask, cpu_kernels.PackedRows):
-            y = cpu_kernels.packed_causal_attention(self.c_attn(x), key_mask, H, p_drop)
-            return self.resid_dropout(self.c_proj(y)), None
-        if isinstance(past, cpu_kernels.KVCache):  # generation: the cache grows in place
-            y = past.attend(self.c_attn(x), key_mask, queries)
-            return self.resid_dropout(self.c_proj(y)), past
+    def execute(self, x, key_mask=None, past=None):
+        """x (B, T, C) -> (output (B, T, C), this layer's (k, v) for a cache).
+
+        past: the (k, v) of earlier positions, each (B, H, T_past, D); key_mask (B, T_past + T).
+        """
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
-        q, k, v = qkv.split(C, dim=2)
-        # The cache is (B, H, T, D). Jittor is lazy: in training nothing reads it, so it is never built.
-        q, k, v = (t.reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for t in (q, k, v))
+        # (B, H, T, D); Jittor is lazy: when nothing reads k and v (training), they are never built
+        q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3) for t in qkv.split(C, dim=2))
         if past is not None:
-            k = jt.concat([past[0], k], dim=2)
-            v = jt.concat([past[1], v], dim=2)
-        # One fused C++ kernel per (batch, head), matmuls in oneDNN (see cpu_kernels.py):
-        # the 4-D jt.matmul of causal_attention runs as generic loops on CPU, measured at
-        # ~50% of a GPT-2 124M training step.
-        if cpu_kernels.available() and past is None:
-            y = cpu_kernels.padded_causal_attention(qkv, key_mask, H, p_drop)
-        elif cpu_kernels.available() and p_drop == 0.0:
-            y = cpu_kernels.cached_attention(qkv, k, v, key_mask, H)
+            k, v = jt.concat([past[0], k], dim=2), jt.concat([past[1], v], dim=2)
+        if self.fused and past is None:  # one C++ routine per (sequence, head), q, k, v read in place
+            p_drop = self.attn_dropout.p if self.attn_dropout.is_train else 0.0
+            y = cpu_kernels.padded_causal_attention(qkv, key_mask, self.n_head, p_drop)
         else:
-            y = causal_attention(q, k, v, key_mask, self.attn_dropout)
-            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+            y = causal_attention(q, k, v, key_mask, self.attn_dropout).transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
+
+    def execute_packed(self, x, rows):
+        """Packed training: x (rows.n_rows, C) holds the real tokens of a batch, row after row
+        (a cpu_kernels.PackedRows); returns the output of the rows that are queries, (rows.n_out, C)."""
+        p_drop = self.attn_dropout.p if self.attn_dropout.is_train else 0.0
+        y = cpu_kernels.packed_causal_attention(self.c_attn(x), rows, self.n_head, p_drop)
+        return self.resid_dropout(self.c_proj(y))
+
+    def execute_cached(self, x, cache, key_mask, queries=None):
+        """Generation: the keys and values of x (B, T, C) join `cache` (a cpu_kernels.KVCache)
+        in place; returns the output of the last `queries` positions (default all), no dropout."""
+        return self.c_proj(cache.attend(self.c_attn(x), key_mask, queries))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd, config.initializer_range)
         self.c_proj = Conv1D(4 * config.n_embd, config.n_embd, config.initializer_range)
-        self.act = ACTIVATIONS[config.activation_function]
-        self.dropout = cpu_kernels.Dropout(config.resid_pdrop)
+        self.act = ACTIVATIONS[config.activation_function]()
+        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def execute(self, x):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -205,15 +209,24 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def execute(self, x, key_mask=None, past=None, queries=None):
-        a, present = self.attn(self.ln_1(x), key_mask, past, queries)
-        if isinstance(key_mask, cpu_kernels.PackedRows) and key_mask.n_out < key_mask.n_rows:
-            x = x[jt.array(key_mask.query_rows())]  # only the rows attention answered go on
-        elif queries is not None:
+    def execute(self, x, key_mask=None, past=None):
+        a, present = self.attn(self.ln_1(x), key_mask, past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
+
+    def execute_packed(self, x, rows):
+        a = self.attn.execute_packed(self.ln_1(x), rows)
+        if rows.n_out < rows.n_rows:
+            x = x[jt.array(rows.query_rows())]  # only the rows attention answered go on
+        x = x + a
+        return x + self.mlp(self.ln_2(x))
+
+    def execute_cached(self, x, cache, key_mask, queries=None):
+        a = self.attn.execute_cached(self.ln_1(x), cache, key_mask, queries)
+        if queries is not None:
             x = x[:, -queries:]
         x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, present
+        return x + self.mlp(self.ln_2(x))
 
 
 # ----------------------------------------------------------------------------
@@ -226,9 +239,11 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.wte.weight.assign(jt.init.gauss(self.wte.weight.shape, "float32", std=config.initializer_range))
         self.wpe.weight.assign(jt.init.gauss(self.wpe.weight.shape, "float32", std=0.01))
-        self.drop = cpu_kernels.Dropout(config.embd_pdrop)
+        self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        # set by runtime.py: packed training, in-place KV cache, LM head and greedy head from cpu_kernels
+        self.fused = False
         self.eval()  # like transformers' from_pretrained: inference mode until train() is called
 
     # Jittor's Module.train()/eval() also flip stop_grad on every parameter and later
@@ -245,56 +260,6 @@ class GPT(nn.Module):
 
     # --- forward ---------------------------------------------------------------
 
-    def transformer(self, idx, attention_mask=None, past_key_values=None):
-        """Final hidden states (B, T, C) after ln_f, and the per-layer (k, v) cache.
-
-        attention_mask: (B, T_past + T), 1 = real token, 0 = padding (left or right).
-        With a mask, positions count real tokens only: position = cumsum(mask) - 1, as
-        Hugging Face generation does, so a left-padded row starts at position 0.
-        """
-        return self._hidden(idx, attention_mask, past_key_values)
-
-    def _check_length(self, n_tokens):
-        if n_tokens > self.config.n_positions:
-            raise ValueError(f"sequence of {n_tokens} tokens is longer than the model's "
-                             f"n_positions={self.config.n_positions}")
-
-    def _hidden(self, idx, attention_mask=None, past_key_values=None, last_only=False):
-        """transformer(); last_only (with cpu_kernels.KVCache caches): the last block computes
-        the last position only (the others only add keys and values to the cache), as
-        generation needs; that saves 3/4 of the last block's matmuls for a prompt."""
-        B, T = idx.shape
-        if past_key_values is None:
-            T_past = 0
-        elif isinstance(past_key_values[0], cpu_kernels.KVCache):
-            T_past = past_key_values[0].length
-        else:
-            T_past = past_key_values[0][0].shape[2]
-        self._check_length(T_past + T)
-        if attention_mask is None:
-            pos = jt.arange(T_past, T_past + T).reshape(1, T)
-        else:
-            if tuple(attention_mask.shape) != (B, T_past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"expected {(B, T_past + T)} (past + new tokens)")
-            attention_mask = attention_mask.int32()
-            pos = jt.cumsum(attention_mask, dim=1) - 1
-            pos = jt.where(attention_mask > 0, pos, jt.int32(1))[:, T_past:]  # pads: any valid index
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        presents = []
-        for i, block in enumerate(self.h):
-            past = None if past_key_values is None else past_key_values[i]
-            last = last_only and i == len(self.h) - 1 and isinstance(past, cpu_kernels.KVCache)
-            x, present = block(x, attention_mask, past, 1 if last else None)
-            presents.append(present)
-        return self.ln_f(x), presents
-
-    def lm_head(self, h):
-        """Logits from hidden states: the head is tied to the token embedding (wte)."""
-        flat = h.reshape(-1, h.shape[-1])
-        # h @ wte^T without a transposed copy of the (vocab, C) table (154 MB for GPT-2)
-        return cpu_kernels.matmul(flat, self.wte.weight, trans_b=True).reshape(*h.shape[:-1], -1)
-
     def execute(self, idx, targets=None, attention_mask=None):
         """Logits (B, T, vocab); with targets, (logits, loss).
 
@@ -306,27 +271,68 @@ class GPT(nn.Module):
         """
         if targets is None:
             return self.lm_head(self.transformer(idx, attention_mask)[0])
-        packed = self._supervised_hidden_packed(idx, targets, attention_mask) if cpu_kernels.available() else None
-        if packed is not None:
-            h, t = packed
-        else:
-            h, _ = self.transformer(idx, attention_mask)
-            flat_targets = targets.reshape(-1)
-            keep = jt.where(flat_targets != IGNORE_INDEX)[0]
-            h, t = h.reshape(-1, h.shape[-1])[keep], flat_targets[keep]
+        supervised = self.supervised_hidden_packed(idx, targets, attention_mask) if self.fused else None
+        h, t = supervised or self.supervised_hidden(idx, targets, attention_mask)
         logits = self.lm_head(h)
         return logits, cross_entropy(logits, t)
 
-    def _supervised_hidden_packed(self, idx, targets, attention_mask):
-        """(final hidden states, targets) at the supervised positions, in row-major order,
-        computed on the real tokens only; None where that cannot give the same result.
+    def transformer(self, idx, attention_mask=None, past_key_values=None):
+        """Final hidden states (B, T, C) after ln_f, and the per-layer (k, v) cache.
 
-        Padding is often a third of a batch of SQuAD examples (63% real tokens at
-        max_length 384), and the loss needs no pad: real tokens never attend to pads. So
-        the real tokens are packed into one (rows, C) matrix, with each row of the batch a
-        causal sequence of its own (cpu_kernels.PackedRows). Positions are the same as in
-        transformer(): cumsum(mask) - 1. The last block only computes the positions from
-        each row's first supervised token on: nothing after it reads the others.
+        attention_mask: (B, T_past + T), 1 = real token, 0 = padding (left or right).
+        With a mask, positions count real tokens only: position = cumsum(mask) - 1, as
+        Hugging Face generation does, so a left-padded row starts at position 0.
+        """
+        T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        x = self.embed(idx, attention_mask, T_past)
+        presents = []
+        for i, block in enumerate(self.h):
+            x, present = block(x, attention_mask, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        return self.ln_f(x), presents
+
+    def embed(self, idx, attention_mask, T_past=0):
+        """Token + position embeddings (B, T, C) of idx, which follows T_past earlier positions."""
+        B, T = idx.shape
+        self._check_length(T_past + T)
+        if attention_mask is None:
+            pos = jt.arange(T_past, T_past + T).reshape(1, T)
+        else:
+            if tuple(attention_mask.shape) != (B, T_past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(B, T_past + T)} (past + new tokens)")
+            mask = attention_mask.int32()
+            pos = jt.where(mask > 0, jt.cumsum(mask, dim=1) - 1, jt.int32(1))[:, T_past:]  # pads: any valid index
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def _check_length(self, n_tokens):
+        if n_tokens > self.config.n_positions:
+            raise ValueError(f"sequence of {n_tokens} tokens is longer than the model's "
+                             f"n_positions={self.config.n_positions}")
+
+    def lm_head(self, h):
+        """Logits from hidden states: the head is tied to the token embedding (wte)."""
+        flat = h.reshape(-1, h.shape[-1])
+        if self.fused:  # h @ wte^T without a transposed copy of the (vocab, C) table (154 MB for GPT-2)
+            return cpu_kernels.matmul(flat, self.wte.weight, trans_b=True).reshape(*h.shape[:-1], -1)
+        return (flat @ self.wte.weight.t()).reshape(*h.shape[:-1], -1)
+
+    def supervised_hidden(self, idx, targets, attention_mask):
+        """(final hidden states, targets) at the supervised positions, in row-major (b, t) order."""
+        h, _ = self.transformer(idx, attention_mask)
+        flat_targets = targets.reshape(-1)
+        keep = jt.where(flat_targets != IGNORE_INDEX)[0]
+        return h.reshape(-1, h.shape[-1])[keep], flat_targets[keep]
+
+    def supervised_hidden_packed(self, idx, targets, attention_mask):
+        """supervised_hidden() computed on the real tokens only (cpu_kernels.PackedRows), or
+        None where that cannot give the same result (a target on a pad, or no target at all).
+
+        Padding is often a third of a batch of SQuAD examples, and the loss needs no pad:
+        real tokens never attend to pads. So the real tokens are packed into one (rows, C)
+        matrix, with each row of the batch a causal sequence of its own. Positions are the
+        same as in transformer(): cumsum(mask) - 1. The last block only computes the
+        positions from each row's first supervised token on: nothing after it reads the others.
         """
         B, T = idx.shape
         self._check_length(T)
@@ -334,7 +340,7 @@ class GPT(nn.Module):
         mask = np.ones((B, T), bool) if attention_mask is None else attention_mask.numpy().reshape(B, T) > 0
         supervised = (tgt != IGNORE_INDEX) & mask
         if not supervised.any() or (tgt[~mask] != IGNORE_INDEX).any():
-            return None  # a target on a pad (or none at all): the padded path defines that case
+            return None
         rows = np.flatnonzero(mask)  # the real tokens, row-major
         pos = np.cumsum(mask, 1) - 1  # of each real token in its row
         x = self.drop(self.wte(idx.reshape(-1)[jt.array(rows.astype(np.int32))]) +
@@ -347,7 +353,7 @@ class GPT(nn.Module):
             queries[b] = lengths[b] - pos[b, np.argmax(supervised[b])]
         last = layout.with_queries(queries)
         for i, block in enumerate(self.h):
-            x, _ = block(x, layout if i < len(self.h) - 1 else last)
+            x = block.execute_packed(x, layout if i < len(self.h) - 1 else last)
         out_rows = last.query_rows()  # packed row of each row of x now
         keep = np.flatnonzero(supervised.reshape(-1)[rows][out_rows])
         packed_targets = tgt.reshape(-1)[rows][out_rows][keep]
@@ -367,28 +373,23 @@ class GPT(nn.Module):
         """
         idx = jt.array(idx) if not isinstance(idx, jt.Var) else idx
         B, T = idx.shape
+        mask = None
         if attention_mask is not None:
-            attention_mask = jt.array(attention_mask) if not isinstance(attention_mask, jt.Var) else attention_mask
-            if (attention_mask[:, -1] == 0).any().item():
+            mask = jt.array(attention_mask) if not isinstance(attention_mask, jt.Var) else attention_mask
+            if (mask[:, -1] == 0).any().item():
                 raise ValueError("generate() needs LEFT-padded prompts: the last column of "
                                  "attention_mask must be 1 for every row")
-        rng = np.random.default_rng(seed)
-        out = [idx.numpy()]
-        done = np.zeros(B, dtype=bool)
-        past, mask, step_in = None, attention_mask, idx
-        if cpu_kernels.available() and not self.is_train:  # no attention dropout to apply
-            c = self.config
-            past = [cpu_kernels.KVCache(B, c.n_head, c.n_embd // c.n_head, T + max_new_tokens)
-                    for _ in range(c.n_layer)]
+        last_hidden = self._decoder(B, T + max_new_tokens)
         # greedy: GreedyHead where it pays (None: the full head); built once per wte version
-        greedy = temperature == 0.0 and B <= cpu_kernels.GreedyHead.MAX_ROWS
-        head = self._greedy_head() if greedy else None
+        head = self._greedy_head() if self.fused and temperature == 0.0 and B <= cpu_kernels.GreedyHead.MAX_ROWS else None
+        rng = np.random.default_rng(seed)
+        out, done, step_in = [idx.numpy()], np.zeros(B, dtype=bool), idx
         with jt.no_grad():
-            for step in range(max_new_tokens):
-                h, past = self._hidden(step_in, mask, past, last_only=True)
-                nxt = head.next_tokens(h[:, -1]) if head is not None else None
+            for _ in range(max_new_tokens):
+                h = last_hidden(step_in, mask)  # (B, C)
+                nxt = head.next_tokens(h) if head is not None else None
                 if nxt is None:
-                    logits = self.lm_head(h[:, -1]).numpy().astype(np.float64)  # (B, vocab)
+                    logits = self.lm_head(h).numpy().astype(np.float64)  # (B, vocab)
                     nxt = pick_next_token(logits, temperature, top_k, top_p, rng)
                 if eos_token_id is not None:
                     nxt = np.where(done, eos_token_id, nxt)
@@ -400,6 +401,27 @@ class GPT(nn.Module):
                 if mask is not None:
                     mask = jt.concat([mask, jt.ones((B, 1), mask.dtype)], dim=1)
         return np.concatenate(out, axis=1)
+
+    def _decoder(self, batch, capacity):
+        """A function (new tokens (B, T), mask of past + new) -> last position's hidden state
+        (B, C) that keeps the keys and values of every position it has seen."""
+        if self.fused and not self.is_train:  # in-place KV cache (it applies no attention dropout)
+            c = self.config
+            caches = [cpu_kernels.KVCache(batch, c.n_head, c.n_embd // c.n_head, capacity) for _ in self.h]
+
+            def step(idx, mask):
+                x = self.embed(idx, mask, caches[0].length)
+                for i, block in enumerate(self.h):  # the last block: only the last position
+                    x = block.execute_cached(x, caches[i], mask, 1 if i == len(self.h) - 1 else None)
+                return self.ln_f(x)[:, -1]
+            return step
+        past = None
+
+        def step(idx, mask):
+            nonlocal past
+            h, past = self.transformer(idx, mask, past)
+            return h[:, -1]
+        return step
 
     def _greedy_head(self):
         """cpu_kernels.GreedyHead for wte (the same greedy tokens from half the bytes per step),
@@ -468,26 +490,6 @@ class GPT(nn.Module):
 
 # Buffers in Hugging Face checkpoints that are not weights, and the tied LM head.
 HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
-
-
-def read_hf_weights(path):
-    """{name: np.ndarray} from model.safetensors (no torch needed) or pytorch_model.bin."""
-    st, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
-    if st.is_file():
-        return load_safetensors(st), st
-    if bin_file.is_file():
-        try:
-            import torch
-        except ImportError:
-            raise RuntimeError(f"{bin_file}: reading .bin weights needs PyTorch (pip install torch), "
-                               f"or convert the checkpoint to model.safetensors") from None
-        try:
-            # weights_only=True: a .bin is a pickle; never run code from a downloaded file.
-            sd = torch.load(bin_file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{bin_file}: cannot be read as PyTorch weights ({e})") from None
-        return {k: v.float().numpy() for k, v in sd.items()}, bin_file
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
 
 
 def cross_entropy(logits, targets):

@@ -16,13 +16,15 @@
   block matrix, which is also how such an adapter is expressed in PEFT's format.
 - merge() folds scaling * (B A)^T into W; unmerge() takes it out. Both are idempotent, and
   nothing merges as a side effect of eval() (a loralib pitfall).
+
+execute() is the plain formula; on CPU, runtime.py swaps in cpu_kernels' fused version of it
+(the base product, bias and both LoRA products as one kernel).
 """
 import math
 from dataclasses import dataclass, field
 
 from jittor_env import jt
 from jittor import nn
-import cpu_kernels
 
 
 @dataclass
@@ -62,7 +64,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.enable = tuple(enable) if enable is not None and not all(enable) else None
         self.merged = False
-        self.lora_dropout = nn.Dropout(dropout)  # holds p; applied inside cpu_kernels.linear
+        self.lora_dropout = nn.Dropout(dropout)
         if r == 0:
             return
         k = sum(self.enable) if self.enable else 1
@@ -101,16 +103,10 @@ class LoRALinear(nn.Module):
         return jt.matmul(self.B_full(), self.lora_A).transpose(1, 0) * self.scaling
 
     def execute(self, x):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # 2-D matmuls: the ones oneDNN runs on CPU
-        # one fused kernel (cpu_kernels.linear): bias and both products accumulate into y,
-        # dropout is applied block by block; no gradient for the frozen weight
-        lora = ()
-        if self.r and not self.merged:
-            drop = self.lora_dropout
-            lora = (self.lora_A, self.B_full(), self.scaling, drop.p if drop.is_train else 0.0)
-        y = cpu_kernels.linear(x2, self.weight, self.bias, *lora)
-        return y.reshape(*shape[:-1], self.weight.shape[1])
+        # y = x W + b + scaling * dropout(x) A^T B^T   (Hu et al. eq. 3; PEFT's LoRA forward)
+        if not self.r or self.merged:
+            return x @ self.weight + self.bias
+        return x @ self.weight + self.bias + (self.lora_dropout(x) @ self.lora_A.t() @ self.B_full().t()) * self.scaling
 
     def merge(self):
         if self.r and not self.merged:

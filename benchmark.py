@@ -209,9 +209,10 @@ def jittor_setup(args):
     from jittor_env import jt
     import cpu_kernels
     from lora_models import LoRAGPT
+    import runtime
     jt.set_global_seed(args.seed)
     base, adapter = ensure_prepared(args.model, args.seed)
-    model = LoRAGPT.from_pretrained(base, adapter)
+    model = runtime.prepare(LoRAGPT.from_pretrained(base, adapter))
     gflops = matmul_rate(lambda a, b, t: cpu_kernels.matmul(a, b, trans_b=t),
                          lambda *s: jt.randn(*s), lambda v: v.sync(), MODELS[args.model]["n_embd"])
     return jt, model, gflops

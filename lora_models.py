@@ -27,6 +27,7 @@ from jittor import nn
 from GPT2_jittor import GPT, Conv1D
 from LoRA import LoRAConfig, LoRALinear, lora_scaling
 from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
+import runtime
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,6 +74,8 @@ class LoRAGPT(nn.Module):
             raise ValueError(f"LoRA target modules {missing} not found in GPT-2 "
                              f"(its projections: c_attn, attn.c_proj, c_fc, mlp.c_proj)")
         self.mark_only_lora_as_trainable()
+        if base_model.fused:  # the new LoRA layers run like the rest of the model
+            runtime.prepare(self)
 
     def _projections(self):
         """(name, parent module, attribute, module) for every Conv1D/LoRALinear projection."""

@@ -1,5 +1,5 @@
 """Small helpers shared by the scripts: atomic file writes, the GPT-2 tokenizer,
-the GPT-2 download, and the official SQuAD v1.1 metric.
+the GPT-2 download and weight files, and the official SQuAD v1.1 metric.
 
 No Jittor here, so the metric and the tokenizer load fast and test alone.
 
@@ -146,6 +146,27 @@ def ensure_gpt2(path="gpt2"):
         f"{path}: {what}; expected a GPT-2 checkpoint folder (config.json + model.safetensors). "
         f"No GPT-2 weights here? `make demo` (train_default_lora.py --demo) runs the pipeline on a "
         f"random-initialised model instead.")
+
+
+def read_hf_weights(path):
+    """{name: np.ndarray} of a GPT-2 folder, and the file read: model.safetensors (no torch
+    needed) or pytorch_model.bin."""
+    st, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
+    if st.is_file():
+        return load_safetensors(st), st
+    if bin_file.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise RuntimeError(f"{bin_file}: reading .bin weights needs PyTorch (pip install torch), "
+                               f"or convert the checkpoint to model.safetensors") from None
+        try:
+            # weights_only=True: a .bin is a pickle; never run code from a downloaded file.
+            sd = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{bin_file}: cannot be read as PyTorch weights ({e})") from None
+        return {k: v.float().numpy() for k, v in sd.items()}, bin_file
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
 
 
 # ----------------------------------------------------------------------------

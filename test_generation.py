@@ -42,13 +42,14 @@ def load_model(model_dir="gpt2", adapter_dir=None):
     FileNotFoundError / ValueError / RuntimeError whose message names the file.
     """
     # Jittor is imported here, not at the top, so that --help and the data checks stay fast.
+    import runtime
     from GPT2_jittor import GPT
     from lora_models import LoRAGPT
     model_dir = ensure_gpt2(model_dir)
     model = GPT.from_pretrained(model_dir)
     if adapter_dir is not None:
         model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0)
-    return model.eval(), load_tokenizer(model_dir)
+    return runtime.prepare(model).eval(), load_tokenizer(model_dir)
 
 
 # ----------------------------------------------------------------------------

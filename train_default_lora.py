@@ -283,6 +283,7 @@ def build_model(cfg, out, log):
     from LoRA import LoRAConfig
     from lora_models import LoRAGPT
     from model_utils import ensure_gpt2
+    import runtime
     if cfg.random_base:
         base_dir = out / "base_model"
         shape = parse_shape(cfg.random_base)
@@ -298,7 +299,7 @@ def build_model(cfg, out, log):
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
-    model = LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg)
+    model = runtime.prepare(LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg))
     model.base_model_name_or_path = str(base_dir)
     return model, base_dir
 

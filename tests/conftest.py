@@ -76,3 +76,14 @@ def batch_with_padding(rng, B, T, vocab, side):
             mask[b, T - n:] = 1
     ids = np.where(mask > 0, ids, 50256)
     return ids, mask
+
+
+@pytest.fixture(params=["plain", "fused"])
+def impl(request):
+    """Runs a test on each implementation: the plain Jittor formulas of the model files and
+    the fused CPU kernels (runtime.prepare). Returns a function that switches a model to it."""
+    import runtime
+    fused = request.param == "fused"
+    if fused and not runtime.fused_kernels_available():
+        pytest.skip("the fused kernels need Jittor on the CPU with oneDNN")
+    return lambda model: runtime.prepare(model, fused=fused)

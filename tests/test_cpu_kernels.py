@@ -6,8 +6,6 @@ replaces, including the cases the model tests reach only indirectly: several que
 blocks (T > 64), fully masked rows, dropout (with the mask rebuilt from the same seed),
 packed rows with partial queries. Each test prints the largest difference.
 """
-import math
-
 import numpy as np
 import pytest
 
@@ -125,26 +123,45 @@ def test_linear_equals_plain_jittor(lora, p):
     assert d_fwd < 1e-6 and max(d_bwd) < 1e-5
 
 
-def test_layer_norm_and_gelu_equal_plain_jittor():
+def plain_and_fused_modules():
+    """One module of each class runtime.FUSED swaps, with random parameters (name -> module, input)."""
+    from GPT2_jittor import Conv1D, LayerNorm, NewGELU
+    from LoRA import LoRALinear
     rng = np.random.default_rng(4)
-    x = jt.array((rng.normal(size=(70, 48)) * 3 + 5).astype(np.float32))  # |mean| > std
-    wt, bias, w = (jt.array(rng.normal(size=s).astype(np.float32)) for s in [(48,), (48,), (70, 48)])
+    x = (rng.normal(size=(2, 35, 48)) * 3 + 5).astype(np.float32)  # |mean| > std: LayerNorm's hard case
+    conv = Conv1D(48, 72)
+    lora = LoRALinear(Conv1D(48, 72), r=4, alpha=8)
+    lora.lora_B.update(jt.array(rng.normal(size=(72, 4)).astype(np.float32)))
+    norm = LayerNorm(48, 1e-5)
+    for m in (conv, lora, norm):
+        for v in (m.weight, m.bias):
+            v.update(jt.array(rng.normal(size=v.shape).astype(np.float32)))
+    return {"Conv1D": (conv, x), "LoRALinear": (lora, x), "LayerNorm": (norm, x), "NewGELU": (NewGELU(), x)}
 
-    def plain_ln(x):
-        xc = x - x.mean(-1, keepdims=True)
-        return xc / jt.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-5) * wt + bias
 
-    def plain_gelu(x):
-        return 0.5 * x * (1.0 + jt.tanh((math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)).clamp(-15.0, 15.0)))
+@pytest.mark.parametrize("name", ["Conv1D", "LoRALinear", "LayerNorm", "NewGELU"])
+def test_fused_modules_equal_the_plain_modules(name):
+    """Each module runtime.prepare swaps, against its own plain execute() on the same parameters,
+    forward and backward (input and parameter gradients, through a random weighting)."""
+    import runtime
+    module, x = plain_and_fused_modules()[name]
+    x = jt.array(x)
+    params = [x] + [v for v in module.parameters()]
+    w = jt.array(np.random.default_rng(5).normal(size=module(x).shape).astype(np.float32))
 
-    d = {}
-    for name, ours, ref, params in [("layer_norm", lambda v: K.layer_norm(v, wt, bias, 1e-5), plain_ln, [x, wt, bias]),
-                                    ("gelu", K.gelu_tanh, plain_gelu, [x])]:
-        d[name] = [rel_err(ours(x).numpy(), ref(x).numpy())] + \
-            [rel_err(g.numpy(), h.numpy()) for g, h in zip(jt.grad((ours(x) * w).sum(), params),
-                                                           jt.grad((ref(x) * w).sum(), params))]
-    print("\n" + "; ".join(f"{k}: forward {v[0]:.1e}, gradients {max(v[1:]):.1e}" for k, v in d.items()))
-    assert all(v[0] < 1e-6 and max(v[1:]) < 1e-5 for v in d.values())
+    def run():
+        y = module(x)
+        return y.numpy(), [g.numpy() for g in jt.grad((y * w).sum(), params)]
+    plain = run()
+    runtime.prepare(module)
+    assert type(module) is runtime.FUSED[type(module).__mro__[1]]  # swapped to the fused subclass
+    fused = run()
+    d_fwd = rel_err(fused[0], plain[0])
+    d_bwd = max(rel_err(g, h) for g, h in zip(fused[1], plain[1]))
+    print(f"\n{name}: fused vs plain module: forward {d_fwd:.1e}, gradients ({len(params)} tensors) {d_bwd:.1e}")
+    assert d_fwd < 1e-6 and d_bwd < 1e-5
+    runtime.prepare(module, fused=False)
+    assert np.array_equal(run()[0], plain[0])  # switched back: the plain formula again, bit for bit
 
 
 def test_dropout_kernel_rate_scale_gradient_and_seeding():
@@ -204,20 +221,18 @@ def test_few_row_products_equal_float64(M):
 def test_decode_steps_equal_the_full_forward_at_a_wide_model():
     """At a width where the KV-cache decode steps run through gemm_few (c_attn 384 x 1152,
     the LM head), their logits equal the no-cache forward pass's (prefill products: sgemm)."""
+    import runtime
     from GPT2_jittor import GPT, GPTConfig
     jt.set_global_seed(7)
-    model = GPT(GPTConfig(n_layer=2, n_head=6, n_embd=384, n_positions=64, vocab_size=5000))
-    model.eval()
+    model = runtime.prepare(GPT(GPTConfig(n_layer=2, n_head=6, n_embd=384, n_positions=64, vocab_size=5000)))
     ids = np.random.default_rng(7).integers(0, 5000, (3, 20))
     mask = np.ones((3, 20), np.int32)
     mask[1, :6] = 0  # left padding
-    past = [K.KVCache(3, 6, 64, 20) for _ in range(2)]
+    last_hidden = model._decoder(3, 20)  # the in-place KV cache generate() uses
     with jt.no_grad():
-        h, past = model._hidden(jt.array(ids[:, :16]), jt.array(mask[:, :16]), past)
-        steps = [model.lm_head(h[:, -1]).numpy()]
+        steps = [model.lm_head(last_hidden(jt.array(ids[:, :16]), jt.array(mask[:, :16]))).numpy()]
         for t in range(16, 20):
-            h, past = model._hidden(jt.array(ids[:, t:t + 1]), jt.array(mask[:, :t + 1]), past)
-            steps.append(model.lm_head(h[:, -1]).numpy())
+            steps.append(model.lm_head(last_hidden(jt.array(ids[:, t:t + 1]), jt.array(mask[:, :t + 1]))).numpy())
         full = model(jt.array(ids), attention_mask=jt.array(mask)).numpy()
     d = max(rel_err(s, full[:, t]) for s, t in zip(steps, range(15, 20)))
     print(f"\ndecode steps (KV cache, few-row products) vs full forward: relative diff of logits {d:.1e}")
@@ -261,12 +276,13 @@ def test_greedy_head_picks_the_full_heads_argmax_even_among_near_ties():
 
 
 def test_generate_rebuilds_the_greedy_head_when_the_embedding_changes():
+    import runtime
     from GPT2_jittor import GPT, GPTConfig
     jt.set_global_seed(9)
     # initializer_range 0.2: with GPT-2's 0.02 a 1-layer random model repeats its last input
     # token whatever the embedding is, and the tokens could not tell a stale head from a new one
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=300, initializer_range=0.2))
-    model.eval()
+    model = runtime.prepare(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=300,
+                                          initializer_range=0.2)))
     if K.GreedyHead.build(model.wte.weight) is None:
         pytest.skip("GreedyHead cannot be built on this CPU (its kernels need AVX-512): "
                     "generate always uses the full LM head, so there is nothing to rebuild")

@@ -28,10 +28,10 @@ def hf_forward(hf, ids, mask):
 
 @pytest.mark.parametrize("name,fmt", [("tiny", "safetensors"), ("tiny", "bin"), ("gpt2", "safetensors")])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_logits_and_loss_match_transformers(hf_checkpoints, name, fmt, side):
+def test_logits_and_loss_match_transformers(hf_checkpoints, impl, name, fmt, side):
     path = hf_checkpoints(name, fmt)
     hf = make_hf_model(name)  # same seed -> same weights as the saved checkpoint
-    model = GPT.from_pretrained(path)
+    model = impl(GPT.from_pretrained(path))
     rng = np.random.default_rng(1)
     ids, mask = batch_with_padding(rng, B=3, T=24, vocab=50257, side=side)
 
@@ -58,8 +58,8 @@ def test_logits_and_loss_match_transformers(hf_checkpoints, name, fmt, side):
     assert abs(loss.item() - ref_loss) <= 1e-5
 
 
-def test_supervised_logits_are_the_full_logits_at_those_positions(hf_checkpoints):
-    model = GPT.from_pretrained(hf_checkpoints("tiny"))
+def test_supervised_logits_are_the_full_logits_at_those_positions(hf_checkpoints, impl):
+    model = impl(GPT.from_pretrained(hf_checkpoints("tiny")))
     ids = np.random.default_rng(2).integers(0, 50257, (2, 9))
     targets = np.full((2, 9), IGNORE_INDEX)
     targets[0, 4], targets[1, 7], targets[1, 8] = 5, 6, 7
@@ -71,10 +71,10 @@ def test_supervised_logits_are_the_full_logits_at_those_positions(hf_checkpoints
     assert diff <= 1e-5
 
 
-def test_greedy_generate_matches_transformers_and_no_cache(hf_checkpoints):
+def test_greedy_generate_matches_transformers_and_no_cache(hf_checkpoints, impl):
     path = hf_checkpoints("tiny")
     hf = make_hf_model("tiny")
-    model = GPT.from_pretrained(path)
+    model = impl(GPT.from_pretrained(path))
     ids, mask = batch_with_padding(np.random.default_rng(3), B=3, T=12, vocab=50257, side="left")
 
     without_eos = model.generate(ids, 12, attention_mask=mask)
@@ -228,16 +228,16 @@ def test_download_offline_error_says_what_to_do(tmp_path):
     assert "could not download GPT-2 'gpt2'" in r.stderr and "--demo" in r.stderr
 
 
-def test_gelu_matches_torch_with_finite_gradients():
-    """Jittor's tanh has a NaN gradient below about -90; gelu_new must not inherit it."""
-    from GPT2_jittor import gelu_new
+def test_gelu_matches_torch_with_finite_gradients(impl):
+    """Jittor's tanh has a NaN gradient below about -90; NewGELU must not inherit it."""
+    from GPT2_jittor import NewGELU
     xs = np.array([-1e4, -300, -100, -20, -3, -0.5, 0, 0.5, 3, 20, 100, 300], np.float32)
     x = jt.array(xs)
-    y = gelu_new(x)
+    y = impl(NewGELU())(x)
     g = jt.grad(y.sum(), x).numpy()
     tx = torch.tensor(xs, requires_grad=True)
     ty = torch.nn.functional.gelu(tx, approximate="tanh")
     ty.sum().backward()
     dy, dg = np.abs(y.numpy() - ty.detach().numpy()).max(), np.abs(g - tx.grad.numpy()).max()
-    print(f"\ngelu_new vs torch gelu(tanh): max |y diff| = {dy:.2e}, max |grad diff| = {dg:.2e}")
+    print(f"\nNewGELU vs torch gelu(tanh): max |y diff| = {dy:.2e}, max |grad diff| = {dg:.2e}")
     assert np.isfinite(g).all() and dy <= 1e-5 and dg <= 1e-5

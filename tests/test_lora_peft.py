@@ -57,10 +57,10 @@ def copy_ours_to_peft(ours, pm):
 
 
 @pytest.mark.parametrize("targets,r", [(("c_attn",), 4), (("c_attn", "c_proj", "c_fc"), 8), (("mlp.c_proj", "c_fc"), 2)])
-def test_peft_adapter_loads_with_equal_logits(hf_checkpoints, tmp_path, targets, r):
+def test_peft_adapter_loads_with_equal_logits(hf_checkpoints, impl, tmp_path, targets, r):
     pm = peft_wrap(make_hf_model(NAME), r, 2 * r, targets, init=False)  # random A and B
     pm.save_pretrained(str(tmp_path))
-    ours = LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path)
+    ours = impl(LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path))
     ids, mask, _ = answer_batch(0)
     diff = np.abs(ours(jt.array(ids), attention_mask=jt.array(mask)).numpy() - peft_logits(pm, ids, mask))[mask > 0].max()
     print(f"\nPEFT adapter {targets} r={r} -> ours: max |logits diff| = {diff:.3e}")
@@ -68,12 +68,12 @@ def test_peft_adapter_loads_with_equal_logits(hf_checkpoints, tmp_path, targets,
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_gradients_match_peft(hf_checkpoints, tmp_path, rslora):
+def test_gradients_match_peft(hf_checkpoints, impl, tmp_path, rslora):
     pm = peft_wrap(make_hf_model(NAME), 4, 8, ("c_attn", "c_proj", "c_fc"), init=False, rslora=rslora)
     pm.save_pretrained(str(tmp_path))
     # eval mode on both sides: no dropout anywhere (GPT-2's own dropouts are 0.1), and
     # gradients still flow (our eval() never touches requires-grad flags).
-    ours = LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path, dropout=0.0).eval()
+    ours = impl(LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path, dropout=0.0)).eval()
     ids, mask, targets = answer_batch(1)
     _, loss = ours(jt.array(ids), jt.array(targets), attention_mask=jt.array(mask))
     names = list(ours.lora_state_dict())
@@ -92,8 +92,8 @@ def test_gradients_match_peft(hf_checkpoints, tmp_path, rslora):
     assert worst <= 1e-4
 
 
-def test_trained_adapter_loads_in_peft(hf_checkpoints, tmp_path):
-    ours = LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8, dropout=0.1))
+def test_trained_adapter_loads_in_peft(hf_checkpoints, impl, tmp_path):
+    ours = impl(LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8, dropout=0.1)))
     opt = jt.optim.AdamW(ours.trainable_parameters(), lr=1e-2, weight_decay=0.01)
     ours.train()
     for step in range(3):
@@ -111,9 +111,9 @@ def test_trained_adapter_loads_in_peft(hf_checkpoints, tmp_path):
     assert saved["peft_type"] == "LORA" and saved["fan_in_fan_out"] is True
 
 
-def test_training_curve_matches_peft_adamw(hf_checkpoints):
+def test_training_curve_matches_peft_adamw(hf_checkpoints, impl):
     """30 AdamW steps (weight decay, eps, clipping) from identical weights and batches."""
-    ours = LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8, dropout=0.0))
+    ours = impl(LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8, dropout=0.0)))
     pm = peft_wrap(make_hf_model(NAME), 4, 8, ("c_attn", "c_proj", "c_fc"))
     copy_ours_to_peft(ours, pm)  # same kaiming A, zero B
     hp = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -142,13 +142,13 @@ def test_training_curve_matches_peft_adamw(hf_checkpoints):
     assert worst <= 1e-4
 
 
-def test_merge_unmerge_export(hf_checkpoints, tmp_path):
+def test_merge_unmerge_export(hf_checkpoints, impl, tmp_path):
     """Absolute 1e-5 on logits needs logits of GPT-2's size, hence GPT-2's own init here
     (with the 0.2 init of "tiny", |logits| reach ~100 and float32 rounding alone is ~1e-5)."""
     from transformers import GPT2LMHeadModel
     pm = peft_wrap(make_hf_model("tiny-gpt2init"), 4, 8, ("c_attn", "c_proj", "c_fc"), init=False)
     pm.save_pretrained(str(tmp_path / "adapter"))
-    ours = LoRAGPT.from_pretrained(hf_checkpoints("tiny-gpt2init"), tmp_path / "adapter")
+    ours = impl(LoRAGPT.from_pretrained(hf_checkpoints("tiny-gpt2init"), tmp_path / "adapter"))
     ids, mask, _ = answer_batch(3)
     x, m = jt.array(ids), jt.array(mask)
     before = ours(x, attention_mask=m).numpy()
@@ -224,8 +224,8 @@ def test_trainable_parameter_counts_equal_peft(case):
         assert line == "trainable params: 1,179,648 || all params: 125,619,456 || trainable%: 0.9391"
 
 
-def test_base_weights_frozen_through_train_eval_switching(hf_checkpoints):
-    ours = LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8))
+def test_base_weights_frozen_through_train_eval_switching(hf_checkpoints, impl):
+    ours = impl(LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8)))
     before = {k: v.numpy().tobytes() for k, v in ours.model.hf_state_dict().items()}
     lora_before = {k: v.numpy().copy() for k, v in ours.lora_state_dict().items()}
     opt = jt.optim.AdamW(ours.trainable_parameters(), lr=1e-2)
@@ -241,8 +241,8 @@ def test_base_weights_frozen_through_train_eval_switching(hf_checkpoints):
     assert all(v.is_stop_grad() for v in ours.model.hf_state_dict().values())
 
 
-def test_dropout_only_in_training_mode(hf_checkpoints):
-    ours = LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8, dropout=0.5))
+def test_dropout_only_in_training_mode(hf_checkpoints, impl):
+    ours = impl(LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=4, alpha=8, dropout=0.5)))
     for m in ours.lora_modules.values():
         m.lora_B.update(jt.ones(m.lora_B.shape) * 0.05)
     ids = jt.array(np.random.default_rng(5).integers(0, 50257, (1, 8)))
