@@ -22,8 +22,6 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
-
 # ----------------------------------------------------------------------------
 # Configuration: the seed's defaults (r=8, alpha=16, dropout 0.1, lr 5e-4, 3 epochs,
 # c_attn/c_proj/c_fc, eval every 50 steps, save every 100) plus what a real run needs.
@@ -158,11 +156,12 @@ def learning_rate(step, cfg, total_steps):
 def evaluate_loss(model, batches_):
     """Token-weighted mean answer loss over the given batches, dropout off."""
     from jittor_env import jt
+    from model_utils import IGNORE_INDEX
     model.eval()
     total, count = 0.0, 0
     with jt.no_grad():
         for b in batches_:
-            n = int((b["targets"] != -100).sum())
+            n = int((b["targets"] != IGNORE_INDEX).sum())
             _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
             total, count = total + loss.item() * n, count + n
     model.train()
