@@ -413,6 +413,8 @@ def train(cfg, resume=False, stop_after=None, progress=True):
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 return out
+            if micro == 0:
+                break  # a new epoch: the outer loop draws its own order
     bar.close()
 
     model.eval()
