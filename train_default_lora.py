@@ -122,17 +122,21 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=HELP[f.name])
+        if f.type is bool:  # --x / --no-x, so that a saved True can be turned off on --resume
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=HELP[f.name] + f" (default: {f.default})")
         else:
             kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", str(f.type)), str)
             p.add_argument(flag, type=kind, default=None, help=HELP[f.name] + f" (default: {f.default})")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v not in (None, False) and k != "resume"}
+    # Every option defaults to None, so "not given" is None and nothing else: 0, 0.0, "" and
+    # False given on the command line are kept (0 == False in Python).
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     base = DEMO_OVERRIDES if args.demo else {}
     if args.resume:  # continue with the run's own settings; flags given now override them
-        saved = Path(given.get("output_dir") or base.get("output_dir") or TrainConfig.output_dir) / "config.json"
+        out = given["output_dir"] if "output_dir" in given else base.get("output_dir", TrainConfig.output_dir)
+        saved = Path(out) / "config.json"
         if saved.is_file():
             base = json.loads(saved.read_text())
     return TrainConfig(**{**base, **given}), args.resume

@@ -2,7 +2,7 @@
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 import gpt2_lora_dataset
 from gpt2_lora_dataset import batches, encode_dataset, read_squad
 from model_utils import load_tokenizer
-from train_default_lora import TrainConfig, learning_rate, parse_args, train
+from train_default_lora import DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
@@ -173,6 +173,48 @@ def test_learning_rate_schedule():
     lin = TrainConfig(lr=1.0, warmup_steps=0, schedule="linear")
     assert learning_rate(5, lin, 10) == 0.5
     assert learning_rate(7, TrainConfig(lr=2.0, schedule="constant"), 10) == 2.0
+
+
+# Values given on the command line, per option type: the first of each is one that 0 == False
+# made the old parser drop; SAVED: what a --resume'd run's config.json holds (bools: the opposite).
+CLI_VALUES = {int: (0, 7), float: (0.0, 0.25), str: ("", "x"), bool: (False, True)}
+SAVED = {int: 3, float: 0.5, str: "saved"}
+
+
+def command_line(name, value):
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag] if value else ["--no-" + flag[2:]]
+    return [flag, str(value)]
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(TrainConfig)])
+def test_every_option_given_arrives_unchanged(name, tmp_path, monkeypatch):
+    """Each TrainConfig field on the command line, zero / false / empty values included, with
+    and without --resume and --demo. The others come from the run's saved config.json
+    (--resume), else from --demo's settings, else the defaults."""
+    monkeypatch.chdir(tmp_path)
+    kind = {f.name: f.type for f in fields(TrainConfig)}[name]
+    lines = 0
+    for value in CLI_VALUES[kind]:
+        saved = {f.name: True if f.type is bool else SAVED[f.type] for f in fields(TrainConfig)}
+        saved[name] = (not value) if kind is bool else SAVED[kind]
+        folders = [TrainConfig.output_dir, DEMO_OVERRIDES["output_dir"]] + ([value] if name == "output_dir" else [])
+        for folder in folders:
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / "config.json").write_text(json.dumps(saved))
+        for resume in (False, True):
+            for demo in (False, True) if name != "demo" else (False,):
+                argv = command_line(name, value) + ["--resume"] * resume + ["--demo"] * demo
+                cfg, resumed = parse_args(argv)
+                assert getattr(cfg, name) == value and type(getattr(cfg, name)) is kind, (argv, getattr(cfg, name))
+                demo_on = demo or (name == "demo" and value)
+                base = saved if resume else {**asdict(TrainConfig()), **(DEMO_OVERRIDES if demo_on else {})}
+                assert asdict(cfg) == {**base, **({"demo": True} if demo else {}), name: value}, argv
+                assert resumed == resume
+                lines += 1
+    print(f"--{name.replace('_', '-')} {' / '.join(map(repr, CLI_VALUES[kind]))}: {lines} command lines, "
+          f"all arrive unchanged")
 
 
 def test_cli_help_and_bad_train_file(tmp_path):
