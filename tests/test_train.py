@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import gpt2_lora_dataset
+import train_default_lora
 from gpt2_lora_dataset import batches, encode_dataset, read_squad
 from model_utils import load_tokenizer
-from train_default_lora import DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args, train
+from train_default_lora import AT_LEAST_ONE, DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
@@ -54,14 +54,14 @@ def assert_same_run(full, resumed, what):
 def record_training_batches(monkeypatch, train_file):
     """A list that fills with the question ids of every training micro-batch, in order."""
     train_ids = {ex.id for ex in read_squad(train_file)[0]}
-    seen, collate = [], gpt2_lora_dataset.collate
+    seen, collate = [], train_default_lora.collate
 
     def recording_collate(features):
         ids = [f.id for f in features]
         if set(ids) <= train_ids:  # held-out batches go through collate too
             seen.append(ids)
         return collate(features)
-    monkeypatch.setattr(gpt2_lora_dataset, "collate", recording_collate)
+    monkeypatch.setattr(train_default_lora, "collate", recording_collate)
     return seen
 
 
@@ -106,8 +106,8 @@ def test_every_epoch_trains_in_its_own_order(split_files, tmp_path, monkeypatch,
     seen = record_training_batches(monkeypatch, cfg.train_file)
     train(cfg, progress=False)
     features, _ = encode_dataset(load_tokenizer(), read_squad(cfg.train_file)[0], cfg.max_length, cfg.loss_on)
-    per_epoch = [[[features[i].id for i in b] for b in batches(features, cfg.batch_size, cfg.seed, epoch, bucket=bucket)]
-                 for epoch in range(cfg.epochs)]
+    per_epoch = [[[features[i].id for i in b] for b in batches(features, cfg.batch_size, cfg.seed, e, bucket=bucket)]
+                 for e in range(cfg.epochs)]
     assert per_epoch[0] != per_epoch[1], "both epochs in one order: the test could not see the bug"
     n = len(per_epoch[0])
     print(f"\n{len(seen)} micro-batches trained; epoch 2 starts with {seen[n][:3]}..., "
@@ -215,6 +215,14 @@ def test_every_option_given_arrives_unchanged(name, tmp_path, monkeypatch):
                 lines += 1
     print(f"--{name.replace('_', '-')} {' / '.join(map(repr, CLI_VALUES[kind]))}: {lines} command lines, "
           f"all arrive unchanged")
+
+
+@pytest.mark.parametrize("name", AT_LEAST_ONE)
+def test_zero_is_refused_where_it_has_no_meaning(split_files, tmp_path, name):
+    """Since 0 reaches train(), --eval-interval 0 etc. must stop with a message, not a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be at least 1, not 0"):
+        train(tiny_cfg(split_files, tmp_path / "run", **{name: 0}), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_cli_help_and_bad_train_file(tmp_path):
