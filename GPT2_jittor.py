@@ -29,9 +29,7 @@ import numpy as np
 from jittor_env import jt
 from jittor import nn
 import cpu_kernels
-from model_utils import atomic_save_safetensors, atomic_write_json, read_hf_weights
-
-IGNORE_INDEX = -100  # targets with this value are left out of the loss (PyTorch / HF convention)
+from model_utils import IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, read_hf_weights
 
 
 @dataclass

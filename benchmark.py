@@ -43,10 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_lora_dataset import SHARED_SQUAD
+from model_utils import EOS_ID, IGNORE_INDEX
+
 ROOT = Path(__file__).resolve().parent
-SHARED_SQUAD = ROOT.parent / "shared" / "data" / "squad"
 SAMPLE_DATA = ROOT / "data" / "squad_sample.json"
-EOS_ID = 50256
 
 # name -> transformers GPT2Config kwargs
 MODELS = {
@@ -164,7 +165,7 @@ def train_flops(batch, cfg, r):
     lin_attn, lora_attn = 4 * 3 * C * C, 6 * 4 * r * C  # c_attn only (last layer, every token)
     total = 0.0
     for mask, tgt in zip(batch["attention_mask"], batch["targets"]):
-        n, s = int(mask.sum()), int(((tgt != -100) & (mask > 0)).sum())
+        n, s = int(mask.sum()), int(((tgt != IGNORE_INDEX) & (mask > 0)).sum())
         total += (L - 1) * (n * (lin + lora) + 6 * n * n * C)
         total += n * (lin_attn + lora_attn) + s * (lin - lin_attn + lora - lora_attn) + 12 * n * s * C
         total += s * 4 * V * C
@@ -266,7 +267,7 @@ def torch_train(args, data):
     model.train()
     times, losses = [], []
     for b in data:
-        labels = np.full(b["targets"].shape, -100, dtype=np.int64)
+        labels = np.full(b["targets"].shape, IGNORE_INDEX, dtype=np.int64)
         labels[:, 1:] = b["targets"][:, :-1]  # HF shifts inside: labels[t] is predicted at t - 1
         t = time.perf_counter()
         out = model(input_ids=torch.tensor(b["input_ids"], dtype=torch.long),

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_INDEX = -100   # target value the loss skips
-EOS_ID = 50256        # GPT-2's <|endoftext|>
+from model_utils import EOS_ID, IGNORE_INDEX
 
 SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
 # split -> (file name, number of questions in the official file, the script flag that takes it)
@@ -28,6 +27,9 @@ SQUAD_FILES = {
     "train": ("train-v1.1.json", 87_599, "--train-file"),
     "dev": ("dev-v1.1.json", 10_570, "--eval-file"),
 }
+# Where the project's machines keep SQuAD v1.1 and its article splits, next to the repository
+# (read in place by the tests and benchmark.py, never copied into the repository).
+SHARED_SQUAD = Path(__file__).resolve().parent.parent / "shared" / "data" / "squad"
 
 
 class SquadFormatError(ValueError):

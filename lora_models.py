@@ -17,7 +17,6 @@ back as that (equivalent) full-c_attn adapter.
 """
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 from jittor_env import jt
 from jittor import nn
 from GPT2_jittor import GPT, Conv1D
-from LoRA import LoRAConfig, LoRALinear, lora_scaling
+from LoRA import LoRAConfig, LoRALinear
 from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
 import runtime
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 GPT2_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 EOS_TOKEN = "<|endoftext|>"
+EOS_ID = 50256        # GPT-2's id of EOS_TOKEN; also the padding id
+IGNORE_INDEX = -100   # target value the loss skips (PyTorch / Hugging Face convention)
 
 
 # ----------------------------------------------------------------------------

@@ -11,101 +11,96 @@ Writes into --output-dir: config.json (this run's settings), train_loss.txt / va
 (step<TAB>loss), metrics.jsonl, checkpoint-<step>/ (PEFT adapter + optimizer state, written
 atomically), adapter/ (the final PEFT-format adapter), predictions.json and scores.json
 (SQuAD EM/F1 by greedy generation), curves.png.
+
+train() runs three phases: prepare() (checks, model, data, optimizer, restore), train_loop()
+(one flat loop: data, lr, forward/backward, log, eval, checkpoint) and finish() (the final
+adapter, EM/F1, curves).
 """
+# ----------------------------------------------------------------------------
+# Imports. Jittor comes in once, here, through jittor_env (CPU or CUDA, oneDNN found offline);
+# its first import on a machine compiles Jittor's core (minutes, then cached).
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
+from tqdm import tqdm
+
+from jittor_env import jt
+from GPT2_jittor import GPT, GPTConfig
+from LoRA import LoRAConfig
+from lora_models import LoRAGPT
+import runtime
+from gpt2_lora_dataset import (batches, collate, count_tokens, encode_dataset, ensure_squad, load_squad_json,
+                               read_squad, split_by_article)
+from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
+from plot_loss import plot_runs
+from test_generation import answer_questions, subset_dataset
+from train_state import (append_line, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+                         truncate_log)
 
 # ----------------------------------------------------------------------------
 # Configuration: the seed's defaults (r=8, alpha=16, dropout 0.1, lr 5e-4, 3 epochs,
 # c_attn/c_proj/c_fc, eval every 50 steps, save every 100) plus what a real run needs.
+# Each field carries its --help text; the command line is generated from the fields.
+
+
+def option(default, help):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    model: str = "gpt2"                 # base GPT-2 folder (downloaded into ./gpt2 when online)
-    train_file: str = None              # SQuAD v1.1 JSON; default: data/train-v1.1.json (downloaded)
-    eval_file: str = None               # SQuAD v1.1 JSON; default: data/dev-v1.1.json (downloaded)
-    output_dir: str = "checkpoints/gpt2_lora_squad"
+    model: str = option("gpt2", "base GPT-2 folder with config.json + model.safetensors; "
+                                "'gpt2' downloads it into ./gpt2 when online")
+    train_file: str = option(None, "SQuAD v1.1 JSON to train on (unset: data/train-v1.1.json, downloaded "
+                                   "when online)")
+    eval_file: str = option(None, "SQuAD v1.1 JSON for the held-out loss and EM/F1 (unset: data/dev-v1.1.json, "
+                                  "downloaded when online; with --demo: a fifth of the training file's articles)")
+    output_dir: str = option("checkpoints/gpt2_lora_squad", "where logs, checkpoints, the adapter and predictions go")
     # LoRA
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    targets: str = "c_attn,c_proj,c_fc"
-    qv_only: bool = False               # c_attn adapters on q and v only (the seed's option)
-    init: str = "kaiming"
-    rslora: bool = False
+    r: int = option(8, "LoRA rank (0 = no adapter)")
+    alpha: float = option(16, "LoRA alpha: scaling = alpha / r")
+    dropout: float = option(0.1, "dropout on the LoRA input (0 = off)")
+    targets: str = option("c_attn,c_proj,c_fc", "comma-separated module names (PEFT suffix rule)")
+    qv_only: bool = option(False, "on c_attn, adapt only the q and v slices (loralib-style), like the seed's qv_only")
+    init: str = option("kaiming", "LoRA A init: kaiming (PEFT default) or gaussian (the seed's)")
+    rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     # optimisation
-    lr: float = 5e-4
-    epochs: int = 3
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_steps: int = 0               # linear warm-up from 0
-    schedule: str = "cosine"            # after warm-up: cosine or linear decay to 0, or constant
-    weight_decay: float = 0.01
-    clip: float = 1.0                   # max global gradient norm; 0 = off
-    max_steps: int = 0                  # 0 = run all epochs
-    max_train_examples: int = 0         # 0 = all; the seed trained on a 100-example subset
-    seed: int = 42
+    lr: float = option(5e-4, "peak learning rate")
+    epochs: int = option(3, "passes over the training set")
+    batch_size: int = option(4, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    warmup_steps: int = option(0, "optimizer steps of linear warm-up from 0")
+    schedule: str = option("cosine", "after warm-up: cosine or linear decay to 0, or constant")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay (torch.optim.AdamW semantics)")
+    clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = all epochs)")
+    max_train_examples: int = option(0, "use only the first N training questions (0 = all; the seed used 100)")
+    seed: int = option(42, "seed for data order, LoRA init and dropout")
     # data
-    max_length: int = 512
-    loss_on: str = "answer"             # "answer" (ours) or "all" (the seed: every token)
-    bucket: bool = False                # group similar lengths into a batch (less padding)
-    skip_bad: bool = False
+    max_length: int = option(512, "longest example in tokens; longer contexts are cut around the answer")
+    loss_on: str = option("answer", "'answer': loss on answer tokens only; 'all': on every token (the seed's way)")
+    bucket: bool = option(False, "batch examples of similar length together (less padding, faster)")
+    skip_bad: bool = option(False, "skip malformed questions (and report how many) instead of stopping")
     # evaluation and checkpoints
-    eval_interval: int = 50
-    eval_examples: int = 200            # held-out examples for the validation loss
-    save_interval: int = 100
-    keep_checkpoints: int = 3           # older checkpoint-* folders are deleted; 0 = keep all
-    gen_eval_examples: int = 200        # held-out questions answered at the end for EM/F1; 0 = skip
-    train_gen_eval_examples: int = 0    # training questions answered at the end (memorisation check)
-    max_new_tokens: int = 32
-    random_base: str = None             # e.g. "n_layer=4,n_head=4,n_embd=256": a random GPT-2 instead of --model
-    demo: bool = False
+    eval_interval: int = option(50, "optimizer steps between held-out loss evaluations")
+    eval_examples: int = option(200, "held-out examples used for the validation loss")
+    save_interval: int = option(100, "optimizer steps between checkpoints")
+    keep_checkpoints: int = option(3, "how many checkpoint-* folders to keep; older ones are deleted (0 = all)")
+    gen_eval_examples: int = option(200, "held-out questions answered at the end for SQuAD EM/F1 (0 = skip)")
+    train_gen_eval_examples: int = option(0, "training questions answered at the end for EM/F1 "
+                                             "(a memorisation check; 0 = skip)")
+    max_new_tokens: int = option(32, "longest generated answer, in tokens")
+    random_base: str = option(None, "build a RANDOM-initialised GPT-2 of this shape (GPTConfig fields, "
+                                    "e.g. n_layer=4,n_head=4,n_embd=256) in OUTPUT_DIR/base_model instead of "
+                                    "loading --model: for experiments without pretrained weights")
+    demo: bool = option(False, "offline demo: a small random-initialised GPT-2 on data/squad_sample.json")
 
-
-HELP = {
-    "model": "base GPT-2 folder with config.json + model.safetensors; 'gpt2' downloads it into ./gpt2 when online",
-    "train_file": "SQuAD v1.1 JSON to train on (default: data/train-v1.1.json, downloaded when online)",
-    "eval_file": "SQuAD v1.1 JSON for held-out loss and EM/F1 (default: data/dev-v1.1.json)",
-    "output_dir": "where logs, checkpoints, the adapter and predictions go",
-    "r": "LoRA rank (0 = no adapter)", "alpha": "LoRA alpha: scaling = alpha / r",
-    "dropout": "dropout on the LoRA input", "targets": "comma-separated module names (PEFT suffix rule)",
-    "qv_only": "on c_attn, adapt only the q and v slices (loralib-style), like the seed's qv_only",
-    "init": "LoRA A init: kaiming (PEFT default) or gaussian (the seed's)",
-    "rslora": "rank-stabilised scaling alpha / sqrt(r)",
-    "lr": "peak learning rate", "epochs": "passes over the training set",
-    "batch_size": "examples per micro-batch", "grad_accum": "micro-batches per optimizer step",
-    "warmup_steps": "optimizer steps of linear warm-up", "schedule": "decay after warm-up",
-    "weight_decay": "AdamW decoupled weight decay (torch.optim.AdamW semantics)",
-    "clip": "clip the global gradient norm to this (0 = off)",
-    "max_steps": "stop after this many optimizer steps (0 = all epochs)",
-    "max_train_examples": "use only the first N training questions (0 = all)",
-    "seed": "seed for data order, LoRA init and dropout",
-    "max_length": "longest example in tokens; longer contexts are cut around the answer",
-    "loss_on": "'answer': loss on answer tokens only; 'all': on every token (the seed's way)",
-    "bucket": "batch examples of similar length together (less padding, faster)",
-    "skip_bad": "skip malformed questions (and report how many) instead of stopping",
-    "eval_interval": "optimizer steps between held-out loss evaluations",
-    "eval_examples": "held-out examples used for the validation loss",
-    "save_interval": "optimizer steps between checkpoints",
-    "keep_checkpoints": "how many checkpoint-* folders to keep (0 = all)",
-    "gen_eval_examples": "held-out questions answered at the end for SQuAD EM/F1 (0 = skip)",
-    "train_gen_eval_examples": "training questions answered at the end for EM/F1 (memorisation check)",
-    "max_new_tokens": "longest generated answer, in tokens",
-    "random_base": "build a RANDOM-initialised GPT-2 of this shape (GPTConfig fields, comma-separated "
-                   "key=value) in OUTPUT_DIR/base_model instead of loading --model: for experiments "
-                   "without pretrained weights",
-    "demo": "offline demo: a small random-initialised GPT-2 on data/squad_sample.json",
-}
 
 # What --demo changes: a model small enough to train in about a minute on 2 CPU cores.
 # initializer_range 0.1 instead of GPT-2's 0.02: with the frozen random embeddings of a
@@ -117,31 +112,43 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       train_gen_eval_examples=16, max_new_tokens=12)
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
                      "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens"}
+AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
+                "max_new_tokens")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """(TrainConfig, resume) from the command line.
+
+    Options given win over the run's saved config.json (with --resume), which wins over
+    --demo's settings, which win over the defaults. Every option's argparse default is None,
+    so "not given" is None and nothing else: a 0, 0.0, "" or False given is kept.
+    """
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=HELP[f.name])
+        text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        if f.type is bool:  # --x / --no-x, so that a saved True can be turned off on --resume
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", str(f.type)), str)
-            p.add_argument(flag, type=kind, default=None, help=HELP[f.name] + f" (default: {f.default})")
+            p.add_argument(flag, type=f.type, default=None, help=text)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v not in (None, False) and k != "resume"}
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     base = DEMO_OVERRIDES if args.demo else {}
-    if args.resume:  # continue with the run's own settings; flags given now override them
-        saved = Path(given.get("output_dir") or base.get("output_dir") or TrainConfig.output_dir) / "config.json"
+    if args.resume:  # continue with the run's own settings; options given now override them
+        out = given["output_dir"] if "output_dir" in given else base.get("output_dir", TrainConfig.output_dir)
+        saved = Path(out) / "config.json"
         if saved.is_file():
             base = json.loads(saved.read_text())
     return TrainConfig(**{**base, **given}), args.resume
 
 
 # ----------------------------------------------------------------------------
-# Small pieces of the loop
+# Small pieces
+
+def log(msg):
+    tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
+
 
 def learning_rate(step, cfg, total_steps):
     """lr for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay to 0."""
@@ -157,86 +164,139 @@ def learning_rate(step, cfg, total_steps):
 
 def evaluate_loss(model, batches_):
     """Token-weighted mean answer loss over the given batches, dropout off."""
-    from jittor_env import jt
     model.eval()
     total, count = 0.0, 0
     with jt.no_grad():
         for b in batches_:
-            n = int((b["targets"] != -100).sum())
+            n = int((b["targets"] != IGNORE_INDEX).sum())
             _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
             total, count = total + loss.item() * n, count + n
     model.train()
     return total / max(count, 1)
 
 
-def append_line(path, text):
-    with open(path, "a") as f:
-        f.write(text + "\n")
-
-
-def truncate_log(path, last_step, is_json=False):
-    """Drop log records after `last_step` (a resumed run re-does those steps)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            keep.append(line)
-            continue
-        step = json.loads(line)["step"] if is_json else int(line.split()[0])
-        if step <= last_step:
-            keep.append(line)
-    path.write_text("".join(l + "\n" for l in keep))
+def parse_shape(text):
+    """'n_layer=2,n_embd=128' -> {"n_layer": 2, "n_embd": 128}, checked against GPTConfig."""
+    known = {f.name: f.type for f in fields(GPTConfig)}
+    shape = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in known or not value:
+            raise ValueError(f"--random-base: {item!r} is not a GPTConfig field=value "
+                             f"(fields: {', '.join(known)})")
+        shape[key] = known[key](value)
+    return shape
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: PEFT-format adapter + everything needed to resume bit-exactly, written to a
-# temporary folder and renamed into place, so a crash never leaves a half checkpoint.
+# Phase 1: prepare a run
 
-def save_checkpoint(out, model, opt, state):
-    from model_utils import atomic_save_safetensors, atomic_write_json
-    final = out / f"checkpoint-{state['step']:06d}"
-    tmp = out / f".tmp-checkpoint-{state['step']:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_lora_weights(tmp)
-    tensors = {}
-    for (name, p), m, v in zip(model.lora_state_dict().items(), opt.param_groups[0]["m"], opt.param_groups[0]["values"]):
-        tensors[f"param/{name}"], tensors[f"exp_avg/{name}"], tensors[f"exp_avg_sq/{name}"] = p.numpy(), m.numpy(), v.numpy()
-    atomic_save_safetensors(tmp / "trainer_state.safetensors", tensors)
-    atomic_write_json(tmp / "trainer_state.json", state)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+@dataclass
+class Data:
+    train_examples: list      # SquadExample, for EM/F1 on training questions
+    train_path: Path
+    train_features: list      # encoded, what the loop trains on
+    eval_examples: list
+    eval_path: Path
+    eval_batches: list        # collated held-out batches for the validation loss
 
 
-def latest_checkpoint(out):
-    done = sorted(p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
+@dataclass
+class Run:
+    """What the phases share: the model, optimizer and data, and where the run stands."""
+    cfg: TrainConfig
+    out: Path                 # the output folder
+    model: LoRAGPT
+    tokenizer: object
+    opt: object               # jt.optim.AdamW over the LoRA tensors
+    data: Data
+    total: int                # optimizer steps of the whole run
+    step: int = 0             # optimizer steps done
+    epoch: int = 0            # the epoch the next step is in (0-based)
+    micro: int = 0            # micro-batches of that epoch done
 
 
-def load_checkpoint(path, model, opt):
-    from jittor_env import jt
-    from model_utils import load_safetensors
-    tensors = load_safetensors(path / "trainer_state.safetensors")
-    for (name, p), m, v in zip(model.lora_state_dict().items(), opt.param_groups[0]["m"], opt.param_groups[0]["values"]):
-        for key, var in ((f"param/{name}", p), (f"exp_avg/{name}", m), (f"exp_avg_sq/{name}", v)):
-            if key not in tensors or tuple(tensors[key].shape) != tuple(var.shape):
-                raise ValueError(f"{path}: trainer state does not match this model ({key})")
-            var.update(jt.array(tensors[key]))
-    return json.loads((path / "trainer_state.json").read_text())
+def prepare(cfg, resume):
+    """Checks, then everything the first step needs; a resumed run continues from its last checkpoint."""
+    for name in AT_LEAST_ONE:  # 0 means "off" or "all" only where the help says so
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    out = open_output_dir(cfg, resume)
+    jt.set_global_seed(cfg.seed)  # LoRA A init
+    model, base_dir = build_model(cfg, out)
+    tokenizer = load_tokenizer(base_dir)
+    data = load_data(cfg, tokenizer)
+    model.print_trainable_parameters()
+    # torch.optim.AdamW semantics (decoupled decay, eps outside the sqrt): checked against
+    # PyTorch step by step in tests/test_lora_peft.py.
+    opt = jt.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8,
+                         betas=(0.9, 0.999))
+    per_epoch = math.ceil(len(batches(data.train_features, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket))
+                          / cfg.grad_accum)
+    total = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
+    run = Run(cfg, out, model, tokenizer, opt, data, total)
+    restore(run, resume)
+    return run
 
 
-def prune_checkpoints(out, keep):
-    if keep > 0:
-        for old in sorted(out.glob("checkpoint-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+def restore(run, resume):
+    """Resuming: the weights, AdamW moments and data position of the last checkpoint. Either
+    way the logs are left holding only the steps done (a resumed run re-does later ones)."""
+    ckpt = latest_checkpoint(run.out) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, run.model, run.opt)
+        run.step, run.epoch, run.micro = state["step"], state["epoch"], state["micro"]
+        log(f"resumed from {ckpt} (step {run.step}, epoch {run.epoch + 1})")
+    for name in ("train_loss.txt", "val_loss.txt", "metrics.jsonl"):
+        if run.step == 0:
+            (run.out / name).unlink(missing_ok=True)
+        else:
+            truncate_log(run.out / name, run.step, is_json=name.endswith(".jsonl"))
 
 
-# ----------------------------------------------------------------------------
-# Setup: data, model
+def open_output_dir(cfg, resume):
+    """The output folder with this run's config.json; a resumed run must be the same run, and
+    a new run must not mix with an old run's checkpoints."""
+    out = Path(cfg.output_dir)
+    if cfg.demo and not resume and out == Path(DEMO_OVERRIDES["output_dir"]) and out.exists():
+        shutil.rmtree(out)  # `make demo` twice: the demo always starts afresh in its own folder
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "config.json"
+    if resume and config_file.is_file():
+        old = json.loads(config_file.read_text())
+        changed = {k for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE and old.get(k) != v}
+        if changed:
+            raise SystemExit(f"{config_file}: --resume with different settings "
+                             f"({', '.join(f'{k}: {old.get(k)} -> {getattr(cfg, k)}' for k in sorted(changed))})")
+    if not resume and latest_checkpoint(out):
+        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
+    atomic_write_json(config_file, asdict(cfg))
+    return out
 
-def load_data(cfg, tokenizer, log):
-    from gpt2_lora_dataset import encode_dataset, ensure_squad, read_squad, split_by_article
+
+def build_model(cfg, out):
+    """(LoRAGPT, base model folder): GPT-2 from --model, or a random one (--random-base), with adapters."""
+    if cfg.random_base:
+        base_dir = out / "base_model"
+        shape = parse_shape(cfg.random_base)
+        if not (base_dir / "model.safetensors").is_file():
+            jt.set_global_seed(cfg.seed)
+            GPT(GPTConfig(**shape)).save_pretrained(base_dir)
+        log(f"NOTE: the base model in {base_dir} is a RANDOM-initialised GPT-2 ({cfg.random_base}), "
+            f"not pretrained GPT-2: this run shows the pipeline working end to end; it cannot "
+            f"answer questions the way a pretrained GPT-2 + LoRA does.")
+    else:
+        base_dir = ensure_gpt2(cfg.model)
+    lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
+                          init=cfg.init, use_rslora=cfg.rslora,
+                          qkv=(True, False, True) if cfg.qv_only else (True, True, True))
+    model = runtime.prepare(LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg))  # the fused CPU kernels where they run
+    model.base_model_name_or_path = str(base_dir)
+    return model, base_dir
+
+
+def load_data(cfg, tokenizer):
+    """The training and held-out questions, read, checked and encoded (held-out ones collated for the loss)."""
     train_path = Path(cfg.train_file) if cfg.train_file else ensure_squad("train")
     train_ex, bad = read_squad(train_path, skip_bad=cfg.skip_bad)
     if cfg.eval_file:
@@ -261,197 +321,134 @@ def load_data(cfg, tokenizer, log):
     eval_f, cut_eval = encode_dataset(tokenizer, eval_ex[:cfg.eval_examples], cfg.max_length, cfg.loss_on)
     log(f"train: {len(train_f)} questions from {train_path} ({cut} contexts cut to {cfg.max_length} tokens); "
         f"held-out: {len(eval_ex)} questions from {eval_path}, {len(eval_f)} used for the loss ({cut_eval} cut)")
-    return train_ex, eval_ex, train_f, eval_f, train_path, eval_path
-
-
-def parse_shape(text):
-    """'n_layer=2,n_embd=128' -> {"n_layer": 2, "n_embd": 128}, checked against GPTConfig."""
-    from GPT2_jittor import GPTConfig
-    known = {f.name: f.type for f in fields(GPTConfig)}
-    shape = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, _, value = item.partition("=")
-        if key not in known or not value:
-            raise ValueError(f"--random-base: {item!r} is not a GPTConfig field=value "
-                             f"(fields: {', '.join(known)})")
-        shape[key] = known[key](value)
-    return shape
-
-
-def build_model(cfg, out, log):
-    from GPT2_jittor import GPT, GPTConfig
-    from LoRA import LoRAConfig
-    from lora_models import LoRAGPT
-    from model_utils import ensure_gpt2
-    import runtime
-    if cfg.random_base:
-        base_dir = out / "base_model"
-        shape = parse_shape(cfg.random_base)
-        if not (base_dir / "model.safetensors").is_file():
-            from jittor_env import jt
-            jt.set_global_seed(cfg.seed)
-            GPT(GPTConfig(**shape)).save_pretrained(base_dir)
-        log(f"NOTE: the base model in {base_dir} is a RANDOM-initialised GPT-2 ({cfg.random_base}), "
-            f"not pretrained GPT-2: this run shows the pipeline working end to end; it cannot "
-            f"answer questions the way a pretrained GPT-2 + LoRA does.")
-    else:
-        base_dir = ensure_gpt2(cfg.model)
-    lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
-                          init=cfg.init, use_rslora=cfg.rslora,
-                          qkv=(True, False, True) if cfg.qv_only else (True, True, True))
-    model = runtime.prepare(LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg))
-    model.base_model_name_or_path = str(base_dir)
-    return model, base_dir
+    eval_batches = [collate([eval_f[i] for i in b]) for b in batches(eval_f, cfg.batch_size, 0, 0, shuffle=False)]
+    return Data(train_ex, train_path, train_f, eval_ex, eval_path, eval_batches)
 
 
 # ----------------------------------------------------------------------------
+# Phase 2: the training loop
 
-def train(cfg, resume=False, stop_after=None, progress=True):
-    """Run training; returns the output folder. stop_after=N stops after optimizer step N
-    as if interrupted (used by the resume test)."""
-    from tqdm import tqdm
-    from jittor_env import jt
-    from gpt2_lora_dataset import batches, collate, count_tokens
-    from model_utils import atomic_write_json, load_tokenizer
-
-    out = Path(cfg.output_dir)
-    if cfg.demo and not resume and out == Path(DEMO_OVERRIDES["output_dir"]) and out.exists():
-        shutil.rmtree(out)  # `make demo` twice: the demo always starts afresh in its own folder
-    out.mkdir(parents=True, exist_ok=True)
-
-    def log(msg):
-        tqdm.write(msg, file=sys.stderr)
-
-    # --- config: a resumed run must be the same run ---
-    config_file = out / "config.json"
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and config_file.is_file():
-        old = json.loads(config_file.read_text())
-        changed = {k for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE and old.get(k) != v}
-        if changed:
-            raise SystemExit(f"{config_file}: --resume with different settings "
-                             f"({', '.join(f'{k}: {old.get(k)} -> {getattr(cfg, k)}' for k in sorted(changed))})")
-    if not resume and latest_checkpoint(out):
-        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
-    atomic_write_json(config_file, asdict(cfg))
-
-    jt.set_global_seed(cfg.seed)  # LoRA A init
-    model, base_dir = build_model(cfg, out, log)
-    tokenizer = load_tokenizer(base_dir)
-    train_ex, eval_ex, train_f, eval_f, train_path, eval_path = load_data(cfg, tokenizer, log)
-    model.print_trainable_parameters()
-
-    params = model.trainable_parameters()
-    # torch.optim.AdamW semantics (decoupled decay, eps outside the sqrt): checked against
-    # PyTorch step by step in tests/test_lora_peft.py.
-    opt = jt.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8, betas=(0.9, 0.999))
-    per_epoch = math.ceil(len(batches(train_f, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket)) / cfg.grad_accum)
-    total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
-    eval_batches = [collate([eval_f[i] for i in b]) for b in batches(eval_f, cfg.batch_size, 0, 0, shuffle=False)]
-
-    step, epoch, micro = 0, 0, 0  # optimizer steps done; position in the data
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt)
-        step, epoch, micro = state["step"], state["epoch"], state["micro"]
-        log(f"resumed from {ckpt} (step {step}, epoch {epoch + 1})")
-    for name in ("train_loss.txt", "val_loss.txt", "metrics.jsonl"):
-        if step == 0:
-            (out / name).unlink(missing_ok=True)
-        else:
-            truncate_log(out / name, step, is_json=name.endswith(".jsonl"))
-
-    if step == 0:  # the starting point of the held-out curve
-        append_line(out / "val_loss.txt", f"0\t{evaluate_loss(model, eval_batches):.6f}")
+def train_loop(run, stop_after=None, progress=True):
+    """Optimizer steps from run.step to run.total. Returns False when stop_after (a step
+    number) cut the run short, as if interrupted, True when it ran to the end."""
+    cfg, model, out, data = run.cfg, run.model, run.out, run.data
+    if run.step == 0:  # the starting point of the held-out curve
+        append_line(out / "val_loss.txt", f"0\t{evaluate_loss(model, data.eval_batches):.6f}")
     model.train()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    t_start, tokens_seen, loss_ema = time.time(), 0, None
-    while step < total and epoch < cfg.epochs:
-        order = batches(train_f, cfg.batch_size, cfg.seed, epoch, bucket=cfg.bucket)
-        while micro < len(order) and step < total:
+    t_start, tokens_seen, loss_ema, order, order_epoch = time.time(), 0, None, None, None
+    with tqdm(total=run.total, initial=run.step, desc="train", unit="step", disable=not progress,
+              dynamic_ncols=True) as bar:
+        while run.step < run.total and run.epoch < cfg.epochs:
+            # --- data: the next grad_accum micro-batches. Every epoch has its own order, fixed by
+            # (seed, epoch), so a resumed run skips to exactly the batches it would have seen.
+            if order_epoch != run.epoch:
+                order, order_epoch = batches(data.train_features, cfg.batch_size, cfg.seed, run.epoch,
+                                             bucket=cfg.bucket), run.epoch
+            group = order[run.micro:run.micro + cfg.grad_accum]
+
+            # --- learning rate; dropout masks come from Jittor's RNG: reseeding per step makes a
+            # resumed run draw exactly the masks an uninterrupted run draws.
+            lr = run.opt.lr = learning_rate(run.step, cfg, run.total)
+            jt.set_global_seed(cfg.seed * 100_003 + run.step)
+
+            # --- forward / backward, one AdamW step
             t0 = time.time()
-            # Dropout masks come from Jittor's RNG: reseeding per step makes a resumed run
-            # draw exactly the masks an uninterrupted run draws.
-            jt.set_global_seed(cfg.seed * 100_003 + step)
-            lr = learning_rate(step, cfg, total)
-            opt.lr = lr
-            group, loss_sum, n_tok = order[micro:micro + cfg.grad_accum], 0.0, 0
-            for idx in group:
-                b = collate([train_f[i] for i in idx])
-                _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
-                opt.backward(loss / len(group))  # mean over micro-batches
-                loss_val = loss.item()
-                if not math.isfinite(loss_val):
-                    bar.close()
-                    last = latest_checkpoint(out)
-                    raise SystemExit(f"loss is {loss_val} at step {step + 1} (epoch {epoch + 1}); stopping. "
-                                     f"The last good checkpoint is {last or 'none'}; try a lower --lr.")
-                loss_sum += loss_val / len(group)
-                n_tok += count_tokens(b)
-            if cfg.clip > 0:
-                opt.clip_grad_norm(cfg.clip)
-            # Jittor counts backward() calls in n_step; AdamW's bias correction must count
-            # optimizer steps (as torch does), which differ under gradient accumulation.
-            opt.n_step = step + 1
-            opt.step()
-            step, micro = step + 1, micro + len(group)
-            dt = time.time() - t0
-            tokens_seen += n_tok
-            loss_ema = loss_sum if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_sum
-            append_line(out / "train_loss.txt", f"{step}\t{loss_sum:.6f}")
-            append_line(out / "metrics.jsonl", json.dumps({"step": step, "epoch": epoch + 1, "loss": round(loss_sum, 6),
-                        "lr": lr, "tokens_per_s": round(n_tok / dt, 1), "elapsed_s": round(time.time() - t_start, 2)}))
+            loss, n_tok = optimizer_step(run, group)
+            run.step, run.micro = run.step + 1, run.micro + len(group)
+
+            # --- log
+            dt, tokens_seen = time.time() - t0, tokens_seen + n_tok
+            loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+            append_line(out / "train_loss.txt", f"{run.step}\t{loss:.6f}")
+            append_line(out / "metrics.jsonl", json.dumps({
+                "step": run.step, "epoch": run.epoch + 1, "loss": round(loss, 6), "lr": lr,
+                "tokens_per_s": round(n_tok / dt, 1), "elapsed_s": round(time.time() - t_start, 2)}))
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
             bar.update(1)
 
-            if step % cfg.eval_interval == 0 or step == total:
-                val = evaluate_loss(model, eval_batches)
-                append_line(out / "val_loss.txt", f"{step}\t{val:.6f}")
-                log(f"step {step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
-            if micro >= len(order):
-                epoch, micro = epoch + 1, 0
-            if step % cfg.save_interval == 0 or step == total:
-                save_checkpoint(out, model, opt, {"step": step, "epoch": epoch, "micro": micro})
+            # --- held-out loss, then the checkpoint (which records where the next step starts)
+            if run.step % cfg.eval_interval == 0 or run.step == run.total:
+                val = evaluate_loss(model, data.eval_batches)
+                append_line(out / "val_loss.txt", f"{run.step}\t{val:.6f}")
+                log(f"step {run.step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
+            if run.micro >= len(order):  # end of the epoch
+                run.epoch, run.micro = run.epoch + 1, 0
+            if run.step % cfg.save_interval == 0 or run.step == run.total:
+                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "micro": run.micro})
                 prune_checkpoints(out, cfg.keep_checkpoints)
-            if stop_after is not None and step >= stop_after:
-                bar.close()
-                return out
-    bar.close()
+            if stop_after is not None and run.step >= stop_after:
+                return False
+    return True
 
-    model.eval()
-    model.save_lora_weights(out / "adapter")
+
+def optimizer_step(run, group):
+    """Forward/backward over the micro-batches in `group` (lists of example indices), then
+    clipping and one AdamW step. Returns (mean loss over the micro-batches, real tokens)."""
+    cfg, model, opt = run.cfg, run.model, run.opt
+    loss_sum, n_tok = 0.0, 0
+    for idx in group:
+        b = collate([run.data.train_features[i] for i in idx])
+        _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
+        opt.backward(loss / len(group))
+        loss_val = loss.item()
+        if not math.isfinite(loss_val):
+            raise SystemExit(f"loss is {loss_val} at step {run.step + 1} (epoch {run.epoch + 1}); stopping. "
+                             f"The last good checkpoint is {latest_checkpoint(run.out) or 'none'}; try a lower --lr.")
+        loss_sum, n_tok = loss_sum + loss_val / len(group), n_tok + count_tokens(b)
+    if cfg.clip > 0:
+        opt.clip_grad_norm(cfg.clip)
+    # Jittor counts backward() calls in n_step; AdamW's bias correction must count
+    # optimizer steps (as torch does), which differ under gradient accumulation.
+    opt.n_step = run.step + 1
+    opt.step()
+    return loss_sum, n_tok
+
+
+# ----------------------------------------------------------------------------
+# Phase 3: finish
+
+def finish(run):
+    """The final adapter, SQuAD EM/F1 by greedy generation, the loss curves."""
+    out = run.out
+    run.model.eval()
+    run.model.save_lora_weights(out / "adapter")
     log(f"adapter saved to {out / 'adapter'} (PEFT format)")
-    final_scores(cfg, model, tokenizer, (train_ex, train_path), (eval_ex, eval_path), out, log)
+    final_scores(run)
     try:
-        from plot_loss import plot_runs
         plot_runs([out], out / "curves.png")
         log(f"loss curves: {out / 'curves.png'}")
     except Exception as e:  # a plotting problem must not cost the finished run
         log(f"warning: could not plot the curves ({e})")
     log(f"done: {out}/ holds adapter/ (PEFT format), checkpoint-*/, train_loss.txt, val_loss.txt, "
         f"metrics.jsonl, config.json, predictions.json, scores.json, curves.png")
-    return out
 
 
-def final_scores(cfg, model, tokenizer, train, heldout, out, log):
+def final_scores(run):
     """SQuAD EM/F1 by greedy generation on held-out (and optionally training) questions."""
-    from gpt2_lora_dataset import load_squad_json
-    from model_utils import atomic_write_json, evaluate_squad
-    from test_generation import answer_questions, subset_dataset
-    scores = {}
-    for name, (examples, path), n in (("heldout", heldout, cfg.gen_eval_examples),
-                                      ("train", train, cfg.train_gen_eval_examples)):
+    cfg, data, scores = run.cfg, run.data, {}
+    for name, examples, path, n in (("heldout", data.eval_examples, data.eval_path, cfg.gen_eval_examples),
+                                    ("train", data.train_examples, data.train_path, cfg.train_gen_eval_examples)):
         if not n:
             continue
-        chosen = examples[:n]
-        preds = answer_questions(model, tokenizer, chosen, batch_size=cfg.batch_size,
+        preds = answer_questions(run.model, run.tokenizer, examples[:n], batch_size=cfg.batch_size,
                                  max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
-        data = subset_dataset(load_squad_json(path), set(preds))
-        s = evaluate_squad(data, preds)
+        s = evaluate_squad(subset_dataset(load_squad_json(path), set(preds)), preds)
         scores[name] = {**s, "questions": len(preds)}
-        atomic_write_json(out / ("predictions.json" if name == "heldout" else "predictions_train.json"), preds)
+        atomic_write_json(run.out / ("predictions.json" if name == "heldout" else "predictions_train.json"), preds)
         log(f"{name} SQuAD EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}  on {len(preds)} questions")
     if scores:
-        atomic_write_json(out / "scores.json", scores)
+        atomic_write_json(run.out / "scores.json", scores)
+
+
+# ----------------------------------------------------------------------------
+
+def train(cfg, resume=False, stop_after=None, progress=True):
+    """Run training; returns the output folder. stop_after=N stops after optimizer step N
+    as if interrupted (used by the resume tests)."""
+    run = prepare(cfg, resume)
+    if train_loop(run, stop_after, progress):
+        finish(run)
+    return run.out
 
 
 if __name__ == "__main__":

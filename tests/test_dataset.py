@@ -16,19 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gpt2_lora_dataset as D  # noqa: E402
-from model_utils import EOS_TOKEN, load_tokenizer  # noqa: E402
+from model_utils import EOS_ID, EOS_TOKEN, IGNORE_INDEX, load_tokenizer  # noqa: E402
 
 SAMPLE = ROOT / "data" / "squad_sample.json"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
-needs_shared = pytest.mark.skipif(not (SHARED / "dev-v1.1.json").is_file(),
-                                  reason=f"real SQuAD dev set not found in {SHARED}")
+needs_shared = pytest.mark.skipif(not (D.SHARED_SQUAD / "dev-v1.1.json").is_file(),
+                                  reason=f"real SQuAD dev set not found in {D.SHARED_SQUAD}")
 
 
 @pytest.fixture(scope="module")
 def tok():
     t = load_tokenizer()
     # A tokenizer built with the wrong constructor arguments silently has an empty vocab.
-    assert t(" Paris")["input_ids"] == [6342] and t.eos_token_id == D.EOS_ID, \
+    assert t(" Paris")["input_ids"] == [6342] and t.eos_token_id == EOS_ID, \
         "load_tokenizer() did not return GPT-2's BPE tokenizer"
     return t
 
@@ -43,7 +42,7 @@ def sample():
 @pytest.fixture(scope="module")
 def real_train(tok):
     """The 40-article train split of the real dev set, encoded once at max_length 512."""
-    examples, _ = D.read_squad(SHARED / "dev-v1.1-train-split.json")
+    examples, _ = D.read_squad(D.SHARED_SQUAD / "dev-v1.1-train-split.json")
     features, n_truncated = D.encode_dataset(tok, examples, max_length=512)
     return examples, features, n_truncated
 
@@ -97,9 +96,9 @@ def test_sample_file_loads(sample):
 
 @needs_shared
 def test_real_dev_set_loads():
-    examples, n_skipped = D.read_squad(SHARED / "dev-v1.1.json")
+    examples, n_skipped = D.read_squad(D.SHARED_SQUAD / "dev-v1.1.json")
     assert (len(examples), n_skipped) == (10_570, 0)
-    assert len(D.load_squad_json(SHARED / "dev-v1.1.json")) == 48
+    assert len(D.load_squad_json(D.SHARED_SQUAD / "dev-v1.1.json")) == 48
 
 
 # ----------------------------------------------------------------------------
@@ -109,16 +108,16 @@ def test_loss_only_on_answer_and_eos(tok, sample):
     for ex in sample:
         f = D.encode_example(tok, ex, max_length=512)
         assert not f.truncated and len(f.input_ids) == len(f.targets)
-        kept = [t for t in f.targets if t != D.IGNORE_INDEX]
+        kept = [t for t in f.targets if t != IGNORE_INDEX]
         assert tok.decode(kept) == " " + ex.answers[0] + EOS_TOKEN
-        assert kept == tok(" " + ex.answers[0])["input_ids"] + [D.EOS_ID]
+        assert kept == tok(" " + ex.answers[0])["input_ids"] + [EOS_ID]
         # the kept targets are one contiguous run at the end
         assert f.targets[-len(kept):] == kept
 
 
 def test_loss_on_all_keeps_every_target(tok, sample):
     f = D.encode_example(tok, sample[0], loss_on="all")
-    assert D.IGNORE_INDEX not in f.targets
+    assert IGNORE_INDEX not in f.targets
     assert tok.decode(f.input_ids + f.targets[-1:]).endswith(" " + sample[0].answers[0] + EOS_TOKEN)
     with pytest.raises(ValueError, match="loss_on"):
         D.encode_example(tok, sample[0], loss_on="prompt")
@@ -128,12 +127,12 @@ def test_targets_are_inputs_shifted_by_one(tok, sample):
     ex = sample[0]
     f = D.encode_example(tok, ex, loss_on="all")
     assert f.targets[:-1] == f.input_ids[1:]
-    assert f.targets[-1] == D.EOS_ID and D.EOS_ID not in f.input_ids
+    assert f.targets[-1] == EOS_ID and EOS_ID not in f.input_ids
     prompt = "Context: " + ex.context + "\nQuestion: " + ex.question + "\nAnswer:"
     assert tok.decode(f.input_ids) == prompt + " " + ex.answers[0]
     g = D.encode_example(tok, ex, loss_on="answer")
     assert g.input_ids == f.input_ids
-    assert all(t == D.IGNORE_INDEX or t == u for t, u in zip(g.targets, f.targets))
+    assert all(t == IGNORE_INDEX or t == u for t, u in zip(g.targets, f.targets))
 
 
 @pytest.mark.parametrize("answer_at", ["start", "middle", "end"])
@@ -148,7 +147,7 @@ def test_truncation_keeps_question_and_answer(tok, answer_at):
     assert ex.answers[0] in context and context.strip() in ex.context
     # cut at word boundaries: the prompt text tokenizes back to the same ids
     assert tok(tok.decode(f.input_ids[:n_prompt]))["input_ids"] == f.input_ids[:n_prompt]
-    kept = [t for t in f.targets if t != D.IGNORE_INDEX]
+    kept = [t for t in f.targets if t != IGNORE_INDEX]
     assert tok.decode(kept) == " " + ex.answers[0] + EOS_TOKEN
 
 
@@ -186,8 +185,8 @@ def test_real_train_split_truncation(tok, real_train):
     assert len(features) == 8_981 and 0 < n_truncated < 200
     assert lengths.max() <= 512
     for ex, f in zip(examples, features):
-        kept = [t for t in f.targets if t != D.IGNORE_INDEX]
-        assert kept == tok(" " + ex.answers[0])["input_ids"] + [D.EOS_ID]
+        kept = [t for t in f.targets if t != IGNORE_INDEX]
+        assert kept == tok(" " + ex.answers[0])["input_ids"] + [EOS_ID]
         if f.truncated:  # the answer survives in the cut context
             assert ex.answers[0] in _context_part(tok, f.input_ids[:len(f.input_ids) - len(kept) + 1])
 
@@ -207,7 +206,7 @@ def test_collate_pads_right_and_masks(tok, sample):
         assert batch["input_ids"][i, :n].tolist() == f.input_ids
         assert batch["targets"][i, :n].tolist() == f.targets
         assert (batch["attention_mask"][i, :n] == 1).all() and (batch["attention_mask"][i, n:] == 0).all()
-        assert (batch["targets"][i, n:] == D.IGNORE_INDEX).all() and (batch["input_ids"][i, n:] == D.EOS_ID).all()
+        assert (batch["targets"][i, n:] == IGNORE_INDEX).all() and (batch["input_ids"][i, n:] == EOS_ID).all()
     assert D.count_tokens(batch) == sum(lengths)
 
 
@@ -277,7 +276,7 @@ def _padding_fraction(features, groups):
 
 def test_bucketing_reduces_padding(tok, sample, request):
     # the real train split when present (realistic lengths), else the small sample
-    if (SHARED / "dev-v1.1-train-split.json").is_file():
+    if (D.SHARED_SQUAD / "dev-v1.1-train-split.json").is_file():
         features = request.getfixturevalue("real_train")[1]
     else:
         features = D.encode_dataset(tok, sample)[0]
@@ -317,8 +316,8 @@ def test_split_never_shares_a_repeated_paragraph(sample):
 
 @needs_shared
 def test_real_splits_share_no_context():
-    train, _ = D.read_squad(SHARED / "dev-v1.1-train-split.json")
-    heldout, _ = D.read_squad(SHARED / "dev-v1.1-heldout-split.json")
+    train, _ = D.read_squad(D.SHARED_SQUAD / "dev-v1.1-train-split.json")
+    heldout, _ = D.read_squad(D.SHARED_SQUAD / "dev-v1.1-heldout-split.json")
     assert (len(train), len(heldout)) == (8_981, 1_589)
     assert not {ex.context for ex in train} & {ex.context for ex in heldout}
     assert not {ex.title for ex in train} & {ex.title for ex in heldout}

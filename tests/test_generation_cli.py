@@ -14,10 +14,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import make_hf_model, save_hf_model
-from test_lora_peft import peft_wrap
-from gpt2_lora_dataset import EOS_ID, encode_prompt, read_squad
-from model_utils import ensure_gpt2
+from helpers import make_hf_model, peft_wrap, save_hf_model
+from gpt2_lora_dataset import encode_prompt, read_squad
+from model_utils import EOS_ID, ensure_gpt2
 from test_generation import (SAMPLE_DATA, answer_questions, decode_answer, left_pad, load_model,
                              subset_dataset)
 

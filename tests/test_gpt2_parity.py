@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import batch_with_padding, make_hf_model, save_hf_model
+from helpers import batch_with_padding, make_hf_model
 from jittor_env import jt
-from GPT2_jittor import GPT, IGNORE_INDEX
-from model_utils import load_tokenizer
+from GPT2_jittor import GPT
+from model_utils import EOS_ID, IGNORE_INDEX, load_tokenizer
 
 
 def hf_forward(hf, ids, mask):
@@ -45,8 +45,8 @@ def test_logits_and_loss_match_transformers(hf_checkpoints, impl, name, fmt, sid
     # Loss: HF labels are unshifted (labels[t] is predicted from t-1); ours are aligned.
     # A label counts only when the token before it is real too (its logits come from there).
     prev_real = np.concatenate([np.zeros((len(ids), 1), bool), real[:, :-1]], 1)
-    labels = np.where(real & prev_real, ids, -100)
-    labels[:, : ids.shape[1] // 2] = -100  # supervise only the second half, like answer masking
+    labels = np.where(real & prev_real, ids, IGNORE_INDEX)
+    labels[:, : ids.shape[1] // 2] = IGNORE_INDEX  # supervise only the second half, like answer masking
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
     with torch.no_grad():
         ref_loss = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -215,7 +215,7 @@ def test_bin_without_torch_says_what_to_do(hf_checkpoints, monkeypatch):
 def test_tokenizer_offline_hello_world():
     tok = load_tokenizer()
     assert tok("Hello world")["input_ids"] == [15496, 995]
-    assert tok.eos_token_id == 50256
+    assert tok.eos_token_id == EOS_ID
 
 
 def test_download_offline_error_says_what_to_do(tmp_path):

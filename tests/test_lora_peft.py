@@ -11,19 +11,14 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
 
-from conftest import batch_with_padding, make_hf_model
+from helpers import batch_with_padding, make_hf_model, peft_wrap
 from jittor_env import jt
-from GPT2_jittor import GPT, GPTConfig, IGNORE_INDEX
+from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
+from model_utils import IGNORE_INDEX
 
 NAME = "tiny"
-
-
-def peft_wrap(hf, r, alpha, targets, dropout=0.0, init=True, rslora=False):
-    cfg = PeftLoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                         fan_in_fan_out=True, init_lora_weights=init, use_rslora=rslora, task_type="CAUSAL_LM")
-    return get_peft_model(hf, cfg)
 
 
 def answer_batch(seed, B=3, T=20):
@@ -38,7 +33,7 @@ def answer_batch(seed, B=3, T=20):
 
 def hf_labels(ids, targets):
     """HF labels (unshifted) carrying the same supervision as our aligned targets."""
-    labels = np.full(ids.shape, -100)
+    labels = np.full(ids.shape, IGNORE_INDEX)
     labels[:, 1:] = targets[:, :-1]
     return labels
 

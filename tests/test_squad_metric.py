@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_lora_dataset import read_squad
+from gpt2_lora_dataset import SHARED_SQUAD, read_squad
 from model_utils import (evaluate_squad, exact_match_score, f1_score,
                          metric_max_over_ground_truths, normalize_answer)
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Shared data next to the repo; never copied into it.
-SQUAD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
-DEV = SQUAD_DIR / "dev-v1.1.json"
+DEV = SHARED_SQUAD / "dev-v1.1.json"
 
 # Published table in ../shared/data/squad/README.md: EM, F1 to 3 decimals.
 REFERENCE = {
@@ -147,7 +144,7 @@ def dev_dataset():
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_reference_predictions(dev_dataset, name):
-    path = SQUAD_DIR / "reference-predictions" / f"{name}.json"
+    path = SHARED_SQUAD / "reference-predictions" / f"{name}.json"
     if not path.is_file():
         pytest.skip(f"reference predictions not found at {path}")
     result = evaluate_squad(dev_dataset, json.loads(path.read_text(encoding="utf-8")))

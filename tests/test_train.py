@@ -2,17 +2,18 @@
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gpt2_lora_dataset import load_squad_json, read_squad
-from model_utils import evaluate_squad
+import train_default_lora
+from gpt2_lora_dataset import batches, encode_dataset, load_squad_json, read_squad
+from model_utils import evaluate_squad, load_tokenizer
 from test_generation import subset_dataset
-from train_default_lora import TrainConfig, learning_rate, parse_args, train
+from train_default_lora import AT_LEAST_ONE, DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
@@ -39,6 +40,30 @@ def tiny_cfg(split_files, out, **kw):
 
 def adapter_tensors(out):
     return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_run(full, resumed, what):
+    """The resumed run ends with the uninterrupted run's adapter and logs, bit for bit."""
+    a, b = adapter_tensors(full), adapter_tensors(resumed)
+    diff = max(np.abs(a[k] - b[k]).max() for k in a)
+    print(f"\n{what}: max |adapter difference| vs uninterrupted run = {diff:.1e}")
+    assert a.keys() == b.keys() and diff == 0
+    assert (Path(full) / "train_loss.txt").read_text() == (Path(resumed) / "train_loss.txt").read_text()
+    assert (Path(full) / "val_loss.txt").read_text() == (Path(resumed) / "val_loss.txt").read_text()
+
+
+def record_training_batches(monkeypatch, train_file):
+    """A list that fills with the question ids of every training micro-batch, in order."""
+    train_ids = {ex.id for ex in read_squad(train_file)[0]}
+    seen, collate = [], train_default_lora.collate
+
+    def recording_collate(features):
+        ids = [f.id for f in features]
+        if set(ids) <= train_ids:  # held-out batches go through collate too
+            seen.append(ids)
+        return collate(features)
+    monkeypatch.setattr(train_default_lora, "collate", recording_collate)
+    return seen
 
 
 def test_outputs_and_logs(split_files, tmp_path):
@@ -77,12 +102,39 @@ def test_resume_ends_with_the_same_adapter(split_files, tmp_path, stop_after):
     train(cfg, stop_after=stop_after, progress=False)
     assert not (tmp_path / "resumed" / "adapter").exists()
     train(cfg, resume=True, progress=False)
-    a, b = adapter_tensors(full), adapter_tensors(tmp_path / "resumed")
-    diff = max(np.abs(a[k] - b[k]).max() for k in a)
-    print(f"\nresume after step {stop_after}: max |adapter difference| vs uninterrupted run = {diff:.1e}")
-    assert a.keys() == b.keys() and diff == 0
-    assert (full / "train_loss.txt").read_text() == (tmp_path / "resumed" / "train_loss.txt").read_text()
-    assert (full / "val_loss.txt").read_text() == (tmp_path / "resumed" / "val_loss.txt").read_text()
+    assert_same_run(full, tmp_path / "resumed", f"resume after step {stop_after}")
+
+
+@pytest.mark.parametrize("grad_accum,bucket", [(1, False), (2, True)])
+def test_every_epoch_trains_in_its_own_order(split_files, tmp_path, monkeypatch, grad_accum, bucket):
+    """Epoch e trains on batches(..., epoch=e): the examples of every micro-batch, in order."""
+    cfg = tiny_cfg(split_files, tmp_path / "run", epochs=2, max_steps=0, grad_accum=grad_accum, bucket=bucket,
+                   eval_interval=100, save_interval=100)
+    seen = record_training_batches(monkeypatch, cfg.train_file)
+    train(cfg, progress=False)
+    features, _ = encode_dataset(load_tokenizer(), read_squad(cfg.train_file)[0], cfg.max_length, cfg.loss_on)
+    per_epoch = [[[features[i].id for i in b] for b in batches(features, cfg.batch_size, cfg.seed, e, bucket=bucket)]
+                 for e in range(cfg.epochs)]
+    assert per_epoch[0] != per_epoch[1], "both epochs in one order: the test could not see the bug"
+    n = len(per_epoch[0])
+    print(f"\n{len(seen)} micro-batches trained; epoch 2 starts with {seen[n][:3]}..., "
+          f"batches(epoch=1) with {per_epoch[1][0][:3]}..., batches(epoch=0) with {per_epoch[0][0][:3]}...")
+    assert seen[:n] == per_epoch[0]
+    assert seen[n:] == per_epoch[1]
+
+
+def test_resume_in_a_later_epoch_equals_the_uninterrupted_run(split_files, tmp_path):
+    """Stopped inside epoch 2, between two saves, with gradient accumulation and length buckets."""
+    # 36 questions / batch 4 = 9 micro-batches = 5 optimizer steps per epoch (the 5th has one
+    # micro-batch): epoch 2 is steps 6-10; saves at 4, 8, 12 and 15.
+    kw = dict(epochs=3, max_steps=0, grad_accum=2, bucket=True, save_interval=4, eval_interval=5, dropout=0.1)
+    full = train(tiny_cfg(split_files, tmp_path / "full", **kw), progress=False)
+    cfg = tiny_cfg(split_files, tmp_path / "resumed", **kw)
+    train(cfg, stop_after=9, progress=False)
+    state = json.loads((tmp_path / "resumed" / "checkpoint-000008" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["micro"]) == (1, 6), state  # the restart point lies inside epoch 2
+    train(cfg, resume=True, progress=False)
+    assert_same_run(full, tmp_path / "resumed", "resume inside epoch 2 (after step 9, from step 8)")
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_old_checkpoints(split_files, tmp_path):
@@ -128,6 +180,56 @@ def test_learning_rate_schedule():
     lin = TrainConfig(lr=1.0, warmup_steps=0, schedule="linear")
     assert learning_rate(5, lin, 10) == 0.5
     assert learning_rate(7, TrainConfig(lr=2.0, schedule="constant"), 10) == 2.0
+
+
+# Values given on the command line, per option type: the first of each is one that 0 == False
+# made the old parser drop; SAVED: what a --resume'd run's config.json holds (bools: the opposite).
+CLI_VALUES = {int: (0, 7), float: (0.0, 0.25), str: ("", "x"), bool: (False, True)}
+SAVED = {int: 3, float: 0.5, str: "saved"}
+
+
+def command_line(name, value):
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag] if value else ["--no-" + flag[2:]]
+    return [flag, str(value)]
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(TrainConfig)])
+def test_every_option_given_arrives_unchanged(name, tmp_path, monkeypatch):
+    """Each TrainConfig field on the command line, zero / false / empty values included, with
+    and without --resume and --demo. The others come from the run's saved config.json
+    (--resume), else from --demo's settings, else the defaults."""
+    monkeypatch.chdir(tmp_path)
+    kind = {f.name: f.type for f in fields(TrainConfig)}[name]
+    lines = 0
+    for value in CLI_VALUES[kind]:
+        saved = {f.name: True if f.type is bool else SAVED[f.type] for f in fields(TrainConfig)}
+        saved[name] = (not value) if kind is bool else SAVED[kind]
+        folders = [TrainConfig.output_dir, DEMO_OVERRIDES["output_dir"]] + ([value] if name == "output_dir" else [])
+        for folder in folders:
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / "config.json").write_text(json.dumps(saved))
+        for resume in (False, True):
+            for demo in (False, True) if name != "demo" else (False,):
+                argv = command_line(name, value) + ["--resume"] * resume + ["--demo"] * demo
+                cfg, resumed = parse_args(argv)
+                assert getattr(cfg, name) == value and type(getattr(cfg, name)) is kind, (argv, getattr(cfg, name))
+                demo_on = demo or (name == "demo" and value)
+                base = saved if resume else {**asdict(TrainConfig()), **(DEMO_OVERRIDES if demo_on else {})}
+                assert asdict(cfg) == {**base, **({"demo": True} if demo else {}), name: value}, argv
+                assert resumed == resume
+                lines += 1
+    print(f"--{name.replace('_', '-')} {' / '.join(map(repr, CLI_VALUES[kind]))}: {lines} command lines, "
+          f"all arrive unchanged")
+
+
+@pytest.mark.parametrize("name", AT_LEAST_ONE)
+def test_zero_is_refused_where_it_has_no_meaning(split_files, tmp_path, name):
+    """Since 0 reaches train(), --eval-interval 0 etc. must stop with a message, not a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be at least 1, not 0"):
+        train(tiny_cfg(split_files, tmp_path / "run", **{name: 0}), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_cli_help_and_bad_train_file(tmp_path):
