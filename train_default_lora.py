@@ -19,13 +19,12 @@ adapter, EM/F1, curves).
 # ----------------------------------------------------------------------------
 # Imports. Jittor comes in once, here, through jittor_env (CPU or CUDA, oneDNN found offline);
 # its first import on a machine compiles Jittor's core (minutes, then cached).
-import argparse
 import json
 import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -40,126 +39,16 @@ from gpt2_lora_dataset import (batches, collate, count_tokens, encode_dataset, e
 from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import answer_questions, subset_dataset
+from train_config import (AT_LEAST_ONE, DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig,
+                          learning_rate, parse_args)
 from train_state import (append_line, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                          truncate_log)
-
-# ----------------------------------------------------------------------------
-# Configuration: the seed's defaults (r=8, alpha=16, dropout 0.1, lr 5e-4, 3 epochs,
-# c_attn/c_proj/c_fc, eval every 50 steps, save every 100) plus what a real run needs.
-# Each field carries its --help text; the command line is generated from the fields.
-
-
-def option(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    model: str = option("gpt2", "base GPT-2 folder with config.json + model.safetensors; "
-                                "'gpt2' downloads it into ./gpt2 when online")
-    train_file: str = option(None, "SQuAD v1.1 JSON to train on (unset: data/train-v1.1.json, downloaded "
-                                   "when online)")
-    eval_file: str = option(None, "SQuAD v1.1 JSON for the held-out loss and EM/F1 (unset: data/dev-v1.1.json, "
-                                  "downloaded when online; with --demo: a fifth of the training file's articles)")
-    output_dir: str = option("checkpoints/gpt2_lora_squad", "where logs, checkpoints, the adapter and predictions go")
-    # LoRA
-    r: int = option(8, "LoRA rank (0 = no adapter)")
-    alpha: float = option(16, "LoRA alpha: scaling = alpha / r")
-    dropout: float = option(0.1, "dropout on the LoRA input (0 = off)")
-    targets: str = option("c_attn,c_proj,c_fc", "comma-separated module names (PEFT suffix rule)")
-    qv_only: bool = option(False, "on c_attn, adapt only the q and v slices (loralib-style), like the seed's qv_only")
-    init: str = option("kaiming", "LoRA A init: kaiming (PEFT default) or gaussian (the seed's)")
-    rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
-    # optimisation
-    lr: float = option(5e-4, "peak learning rate")
-    epochs: int = option(3, "passes over the training set")
-    batch_size: int = option(4, "examples per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    warmup_steps: int = option(0, "optimizer steps of linear warm-up from 0")
-    schedule: str = option("cosine", "after warm-up: cosine or linear decay to 0, or constant")
-    weight_decay: float = option(0.01, "AdamW decoupled weight decay (torch.optim.AdamW semantics)")
-    clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
-    max_steps: int = option(0, "stop after this many optimizer steps (0 = all epochs)")
-    max_train_examples: int = option(0, "use only the first N training questions (0 = all; the seed used 100)")
-    seed: int = option(42, "seed for data order, LoRA init and dropout")
-    # data
-    max_length: int = option(512, "longest example in tokens; longer contexts are cut around the answer")
-    loss_on: str = option("answer", "'answer': loss on answer tokens only; 'all': on every token (the seed's way)")
-    bucket: bool = option(False, "batch examples of similar length together (less padding, faster)")
-    skip_bad: bool = option(False, "skip malformed questions (and report how many) instead of stopping")
-    # evaluation and checkpoints
-    eval_interval: int = option(50, "optimizer steps between held-out loss evaluations")
-    eval_examples: int = option(200, "held-out examples used for the validation loss")
-    save_interval: int = option(100, "optimizer steps between checkpoints")
-    keep_checkpoints: int = option(3, "how many checkpoint-* folders to keep; older ones are deleted (0 = all)")
-    gen_eval_examples: int = option(200, "held-out questions answered at the end for SQuAD EM/F1 (0 = skip)")
-    train_gen_eval_examples: int = option(0, "training questions answered at the end for EM/F1 "
-                                             "(a memorisation check; 0 = skip)")
-    max_new_tokens: int = option(32, "longest generated answer, in tokens")
-    random_base: str = option(None, "build a RANDOM-initialised GPT-2 of this shape (GPTConfig fields, "
-                                    "e.g. n_layer=4,n_head=4,n_embd=256) in OUTPUT_DIR/base_model instead of "
-                                    "loading --model: for experiments without pretrained weights")
-    demo: bool = option(False, "offline demo: a small random-initialised GPT-2 on data/squad_sample.json")
-
-
-# What --demo changes: a model small enough to train in about a minute on 2 CPU cores.
-# initializer_range 0.1 instead of GPT-2's 0.02: with the frozen random embeddings of a
-# 0.02 init, the tied LM head cannot produce confident logits and the loss stays near ln(V).
-DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512,initializer_range=0.1",
-                      train_file="data/squad_sample.json", output_dir="checkpoints/demo", r=32, alpha=64,
-                      dropout=0.0, lr=5e-3, epochs=40, batch_size=8, warmup_steps=10, max_length=256,
-                      eval_interval=20, save_interval=60, eval_examples=64, gen_eval_examples=16,
-                      train_gen_eval_examples=16, max_new_tokens=12)
-RESUME_MAY_CHANGE = {"max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
-                     "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens"}
-AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
-                "max_new_tokens")
-
-
-def parse_args(argv=None):
-    """(TrainConfig, resume) from the command line.
-
-    Options given win over the run's saved config.json (with --resume), which wins over
-    --demo's settings, which win over the defaults. Every option's argparse default is None,
-    so "not given" is None and nothing else: a 0, 0.0, "" or False given is kept.
-    """
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
-        if f.type is bool:  # --x / --no-x, so that a saved True can be turned off on --resume
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            p.add_argument(flag, type=f.type, default=None, help=text)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
-    base = DEMO_OVERRIDES if args.demo else {}
-    if args.resume:  # continue with the run's own settings; options given now override them
-        out = given["output_dir"] if "output_dir" in given else base.get("output_dir", TrainConfig.output_dir)
-        saved = Path(out) / "config.json"
-        if saved.is_file():
-            base = json.loads(saved.read_text())
-    return TrainConfig(**{**base, **given}), args.resume
-
 
 # ----------------------------------------------------------------------------
 # Small pieces
 
 def log(msg):
     tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
-
-
-def learning_rate(step, cfg, total_steps):
-    """lr for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay to 0."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
-        return cfg.lr * max(0.0, 1.0 - progress)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def evaluate_loss(model, batches_):
@@ -452,7 +341,7 @@ def train(cfg, resume=False, stop_after=None, progress=True):
 
 
 if __name__ == "__main__":
-    cfg, resume = parse_args()
+    cfg, resume = parse_args(description=__doc__.split("\n")[0])
     try:
         train(cfg, resume=resume)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -13,7 +13,8 @@ import train_default_lora
 from gpt2_lora_dataset import batches, encode_dataset, load_squad_json, read_squad
 from model_utils import evaluate_squad, load_tokenizer
 from test_generation import subset_dataset
-from train_default_lora import AT_LEAST_ONE, DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args, train
+from train_config import AT_LEAST_ONE, DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args
+from train_default_lora import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
