@@ -26,8 +26,7 @@ def rel_err(a, b):
 def kept_scale(shape, seed, p):
     """The dropout kernel's keep mask / (1 - p) for counters 0.. in row-major order of shape."""
     ones = jt.ones(shape, "float32")
-    return jt.code(ones.shape, "float32", [ones, seed], cpu_header=K._HEADER, cpu_src=K._DROPOUT_SRC,
-                   data={"p": float(p)})
+    return K._code(ones.shape, "float32", [ones, seed], "common.h", K._DROPOUT_SRC, {"p": float(p)})
 
 
 def plain_attention(qkv, mask, H, keep=None):
@@ -281,7 +280,7 @@ def test_few_row_products_inside_a_parallel_region():
     regions are off): each caller must still sum over all of K."""
     rng = np.random.default_rng(11)
     x, W = rng.normal(size=(2, 4, 640)).astype(np.float32), rng.normal(size=(640, 800)).astype(np.float32)
-    y = jt.code((2, 4, 800), "float32", [jt.array(x), jt.array(W)], cpu_header=K._HEADER, cpu_src=r"""
+    y = K._code((2, 4, 800), "float32", [jt.array(x), jt.array(W)], "matmul.h", r"""
     #pragma omp parallel for num_threads(2)
     for (int i = 0; i < 2; i++)
         gpt2cpu::gemm('N', 'N', 4, 800, 640, (const float*)in0_p + i * 4 * 640, (const float*)in1_p, out0_p + i * 4 * 800);
@@ -289,3 +288,4 @@ def test_few_row_products_inside_a_parallel_region():
     d = rel_err(y, x.astype(np.float64) @ W)
     print(f"\nfew-row products in a parallel region: relative diff to float64 {d:.1e}")
     assert d < 2e-6
+
