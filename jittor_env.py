@@ -91,7 +91,19 @@ def prepare():
         print("warning: oneDNN not found (install Debian's libdnnl-dev: `make setup` does it); "
               "Jittor runs its own, slower matmul kernels", file=sys.stderr)
     os.environ.setdefault("log_silent", "1")  # Jittor's [i ...] banner on every import
+    check_mpi()
     return use_gpu
+
+
+def check_mpi():
+    """Under mpirun, Jittor needs OpenMPI's compiler wrapper to build its MPI operators;
+    without it `import jittor` dies on an AttributeError. Say what to install instead."""
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        return
+    if os.environ.get("use_mpi", "1") != "1" or not (os.environ.get("mpicc_path") or shutil.which("mpicc")):
+        sys.exit("error: started by mpirun, but Jittor cannot use MPI here: it compiles its MPI operators with "
+                 "OpenMPI's mpicc (Debian: apt-get install openmpi-bin libopenmpi-dev; `make setup` does it as "
+                 "root), and use_mpi must not be 0. Without mpirun everything runs in one process.")
 
 
 # oneDNN switches the CPU to flush-denormals-to-zero; numpy's finfo then warns that "the

@@ -19,6 +19,7 @@ SQuAD v1.1 metric (model_utils.evaluate_squad).
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,13 +84,15 @@ def decode_answer(tokenizer, new_ids):
 
 
 def answer_questions(model, tokenizer, examples, batch_size=8, max_new_tokens=32, max_length=512,
-                     temperature=0.0, top_k=None, top_p=None, seed=None, progress=True):
+                     temperature=0.0, top_k=None, top_p=None, seed=None, progress=True, shard=(0, 1)):
     """{example.id: answer text} for SquadExample-like objects (.id, .context, .question).
 
     Greedy by default. Prompts are sorted by length before batching, so a batch holds
     similar lengths and little left padding (with greedy decoding the answers do not
     depend on the batching). max_length is capped at the model's n_positions. The model
     is run in eval mode (no dropout) and put back in training mode afterwards if it was.
+    shard=(i, n): answer only batches i, i + n, ... of those batches (process i of n; the
+    union over i is the whole answer, batch for batch).
     """
     from tqdm import tqdm
     max_length = min(max_length, model.config.n_positions)
@@ -107,9 +110,9 @@ def answer_questions(model, tokenizer, examples, batch_size=8, max_new_tokens=32
     model.eval()
     answers = {}
     try:
-        starts = range(0, len(order), batch_size)
-        for b, start in enumerate(tqdm(starts, desc="generating", unit="batch", disable=not progress)):
-            batch = order[start:start + batch_size]
+        for b in tqdm(range(shard[0], math.ceil(len(order) / batch_size), shard[1]), desc="generating",
+                      unit="batch", disable=not progress):
+            batch = order[b * batch_size:(b + 1) * batch_size]
             ids, mask = left_pad([prompts[i] for i in batch])
             # one seed per batch: batches must not all replay the same random stream
             out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -120,7 +123,7 @@ def answer_questions(model, tokenizer, examples, batch_size=8, max_new_tokens=32
     finally:
         if was_training:
             model.train()
-    return {ex.id: answers[ex.id] for ex in examples}  # back in the caller's order
+    return {ex.id: answers[ex.id] for ex in examples if ex.id in answers}  # back in the caller's order
 
 
 # ----------------------------------------------------------------------------

@@ -38,7 +38,8 @@ class TrainConfig:
     # optimisation
     lr: float = option(5e-4, "peak learning rate")
     epochs: int = option(3, "passes over the training set")
-    batch_size: int = option(4, "examples per micro-batch")
+    batch_size: int = option(4, "examples per micro-batch, per process under mpirun (an optimizer step "
+                                "trains on batch_size x grad_accum x processes examples)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     warmup_steps: int = option(0, "optimizer steps of linear warm-up from 0")
     schedule: str = option("cosine", "after warm-up: cosine or linear decay to 0, or constant")
@@ -75,8 +76,11 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       dropout=0.0, lr=5e-3, epochs=40, batch_size=8, warmup_steps=10, max_length=256,
                       eval_interval=20, save_interval=60, eval_examples=64, gen_eval_examples=16,
                       train_gen_eval_examples=16, max_new_tokens=12)
+# batch_size and grad_accum may change with the number of processes; the global batch
+# (batch_size x grad_accum x processes) must stay, which resuming checks against the checkpoint.
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
-                     "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens"}
+                     "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens",
+                     "batch_size", "grad_accum"}
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
                 "max_new_tokens")
 

@@ -6,6 +6,7 @@ Ready to paste:
     python train_default_lora.py --train-file ../shared/data/squad/dev-v1.1-train-split.json \
         --eval-file ../shared/data/squad/dev-v1.1-heldout-split.json --output-dir checkpoints/run1
     python train_default_lora.py --output-dir checkpoints/run1 --resume     # continue after a stop
+    OMP_NUM_THREADS=1 mpirun -np 2 python train_default_lora.py --demo       # 2 processes (README: MPI)
 
 Writes into --output-dir: config.json (this run's settings), train_loss.txt / val_loss.txt
 (step<TAB>loss), metrics.jsonl, checkpoint-<step>/ (PEFT adapter + optimizer state, written
@@ -15,6 +16,11 @@ atomically), adapter/ (the final PEFT-format adapter), predictions.json and scor
 train() runs three phases: prepare() (checks, model, data, optimizer, restore), train_loop()
 (one flat loop: data, lr, forward/backward, log, eval, checkpoint) and finish() (the final
 adapter, EM/F1, curves).
+
+Under mpirun every process (rank) trains on its share of each global batch of
+--batch-size x --grad-accum x processes examples and the gradients are summed once per
+step (distributed.py); the result is the same as one process with the same global batch.
+Only rank 0 writes files and prints.
 """
 # ----------------------------------------------------------------------------
 # Imports. Jittor comes in once, here, through jittor_env (CPU or CUDA, oneDNN found offline);
@@ -30,12 +36,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jittor_env import jt
+import distributed
 from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
 import runtime
-from gpt2_lora_dataset import (batches, collate, count_tokens, encode_dataset, ensure_squad, load_squad_json,
-                               read_squad, split_by_article)
+from gpt2_lora_dataset import (batches, collate, count_supervised, encode_dataset, ensure_squad, load_squad_json,
+                               rank_share, read_squad, split_by_article)
 from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import answer_questions, subset_dataset
@@ -48,19 +55,23 @@ from train_state import (append_line, latest_checkpoint, load_checkpoint, prune_
 # Small pieces
 
 def log(msg):
-    tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
+    if distributed.is_main:  # one process speaks for all
+        tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
 
 
 def evaluate_loss(model, batches_):
-    """Token-weighted mean answer loss over the given batches, dropout off."""
+    """Token-weighted mean answer loss over the given batches, dropout off. Under MPI rank r
+    takes batches r, r + W, ... and the sums are added over the ranks: the same batches and
+    the same mean as one process."""
     model.eval()
     total, count = 0.0, 0
     with jt.no_grad():
-        for b in batches_:
+        for b in batches_[distributed.rank::distributed.world_size]:
             n = int((b["targets"] != IGNORE_INDEX).sum())
             _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
             total, count = total + loss.item() * n, count + n
     model.train()
+    total, count = distributed.sum_over_ranks([total, count])
     return total / max(count, 1)
 
 
@@ -100,9 +111,10 @@ class Run:
     opt: object               # jt.optim.AdamW over the LoRA tensors
     data: Data
     total: int                # optimizer steps of the whole run
+    global_batch: int         # examples per optimizer step: batch_size x grad_accum x processes
     step: int = 0             # optimizer steps done
     epoch: int = 0            # the epoch the next step is in (0-based)
-    micro: int = 0            # micro-batches of that epoch done
+    examples: int = 0         # examples of that epoch done
 
 
 def prepare(cfg, resume):
@@ -110,21 +122,27 @@ def prepare(cfg, resume):
     for name in AT_LEAST_ONE:  # 0 means "off" or "all" only where the help says so
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-    out = open_output_dir(cfg, resume)
-    jt.set_global_seed(cfg.seed)  # LoRA A init
+    out = Path(cfg.output_dir)
+    if distributed.is_main:
+        open_output_dir(cfg, resume)
+    distributed.barrier()  # the folder is ready (or rank 0 stopped with a message, and mpirun stops all)
     model, base_dir = build_model(cfg, out)
     tokenizer = load_tokenizer(base_dir)
     data = load_data(cfg, tokenizer)
-    model.print_trainable_parameters()
+    if distributed.is_main:
+        model.print_trainable_parameters()
     # torch.optim.AdamW semantics (decoupled decay, eps outside the sqrt): checked against
     # PyTorch step by step in tests/test_lora_peft.py.
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8,
                          betas=(0.9, 0.999))
-    per_epoch = math.ceil(len(batches(data.train_features, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket))
-                          / cfg.grad_accum)
+    global_batch = cfg.batch_size * cfg.grad_accum * distributed.world_size
+    per_epoch = math.ceil(len(data.train_features) / global_batch)
     total = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
-    run = Run(cfg, out, model, tokenizer, opt, data, total)
+    log(f"global batch: {global_batch} examples per optimizer step (--batch-size {cfg.batch_size} x "
+        f"--grad-accum {cfg.grad_accum} x {distributed.world_size} process(es)); {per_epoch} steps per epoch")
+    run = Run(cfg, out, model, tokenizer, opt, data, total, global_batch)
     restore(run, resume)
+    distributed.check_same_on_all_ranks(model.trainable_parameters(), "LoRA weights")
     return run
 
 
@@ -132,10 +150,22 @@ def restore(run, resume):
     """Resuming: the weights, AdamW moments and data position of the last checkpoint. Either
     way the logs are left holding only the steps done (a resumed run re-does later ones)."""
     ckpt = latest_checkpoint(run.out) if resume else None
-    if ckpt is not None:
+    if ckpt is not None:  # every rank loads the same checkpoint
         state = load_checkpoint(ckpt, run.model, run.opt)
-        run.step, run.epoch, run.micro = state["step"], state["epoch"], state["micro"]
+        if "examples" not in state:
+            raise ValueError(f"{ckpt}: written by an older version of this script, whose batch order "
+                             f"this version does not reproduce; start a new run")
+        # The data position counts examples of the epoch; the epoch's global batches are the
+        # same only for the same global batch (any split of it into micro-batches and processes).
+        if state["global_batch"] != run.global_batch:
+            raise SystemExit(f"{ckpt}: the run trained with a global batch of {state['global_batch']} examples "
+                             f"and this one has {run.global_batch} (--batch-size {run.cfg.batch_size} x --grad-accum "
+                             f"{run.cfg.grad_accum} x {distributed.world_size} process(es)); resume with the same "
+                             f"global batch, split any way")
+        run.step, run.epoch, run.examples = state["step"], state["epoch"], state["examples"]
         log(f"resumed from {ckpt} (step {run.step}, epoch {run.epoch + 1})")
+    if not distributed.is_main:
+        return
     for name in ("train_loss.txt", "val_loss.txt", "metrics.jsonl"):
         if run.step == 0:
             (run.out / name).unlink(missing_ok=True)
@@ -168,9 +198,10 @@ def build_model(cfg, out):
     if cfg.random_base:
         base_dir = out / "base_model"
         shape = parse_shape(cfg.random_base)
-        if not (base_dir / "model.safetensors").is_file():
+        if distributed.is_main and not (base_dir / "model.safetensors").is_file():
             jt.set_global_seed(cfg.seed)
             GPT(GPTConfig(**shape)).save_pretrained(base_dir)
+        distributed.barrier()  # built once, by rank 0, before any rank loads it
         log(f"NOTE: the base model in {base_dir} is a RANDOM-initialised GPT-2 ({cfg.random_base}), "
             f"not pretrained GPT-2: this run shows the pipeline working end to end; it cannot "
             f"answer questions the way a pretrained GPT-2 + LoRA does.")
@@ -179,7 +210,11 @@ def build_model(cfg, out):
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
-    model = runtime.prepare(LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg))  # the fused CPU kernels where they run
+    base = GPT.from_pretrained(base_dir)
+    # LoRA A init from the seed alone: the same on every rank (Jittor's default seeding adds
+    # rank * 2591), and whether or not this run has just drawn a random base
+    jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)
+    model = runtime.prepare(LoRAGPT(base, lora_cfg))  # the fused CPU kernels where they run
     model.base_model_name_or_path = str(base_dir)
     return model, base_dir
 
@@ -221,19 +256,23 @@ def train_loop(run, stop_after=None, progress=True):
     """Optimizer steps from run.step to run.total. Returns False when stop_after (a step
     number) cut the run short, as if interrupted, True when it ran to the end."""
     cfg, model, out, data = run.cfg, run.model, run.out, run.data
+    main = distributed.is_main  # the one rank that writes logs and checkpoints
     if run.step == 0:  # the starting point of the held-out curve
-        append_line(out / "val_loss.txt", f"0\t{evaluate_loss(model, data.eval_batches):.6f}")
+        val = evaluate_loss(model, data.eval_batches)
+        if main:
+            append_line(out / "val_loss.txt", f"0\t{val:.6f}")
     model.train()
     t_start, tokens_seen, loss_ema, order, order_epoch = time.time(), 0, None, None, None
-    with tqdm(total=run.total, initial=run.step, desc="train", unit="step", disable=not progress,
+    with tqdm(total=run.total, initial=run.step, desc="train", unit="step", disable=not (progress and main),
               dynamic_ncols=True) as bar:
         while run.step < run.total and run.epoch < cfg.epochs:
-            # --- data: the next grad_accum micro-batches. Every epoch has its own order, fixed by
-            # (seed, epoch), so a resumed run skips to exactly the batches it would have seen.
+            # --- data: the next global batch (all micro-batches of all ranks). Every epoch has its
+            # own order, fixed by (seed, epoch) and the global batch size only, so a resumed run
+            # skips to exactly the batches it would have seen, with any number of processes.
             if order_epoch != run.epoch:
-                order, order_epoch = batches(data.train_features, cfg.batch_size, cfg.seed, run.epoch,
+                order, order_epoch = batches(data.train_features, run.global_batch, cfg.seed, run.epoch,
                                              bucket=cfg.bucket), run.epoch
-            group = order[run.micro:run.micro + cfg.grad_accum]
+            batch = order[run.examples // run.global_batch]
 
             # --- learning rate; dropout masks come from Jittor's RNG: reseeding per step makes a
             # resumed run draw exactly the masks an uninterrupted run draws.
@@ -242,90 +281,116 @@ def train_loop(run, stop_after=None, progress=True):
 
             # --- forward / backward, one AdamW step
             t0 = time.time()
-            loss, n_tok = optimizer_step(run, group)
-            run.step, run.micro = run.step + 1, run.micro + len(group)
+            loss, n_tok = optimizer_step(run, batch)
+            run.step, run.examples = run.step + 1, run.examples + len(batch)
 
-            # --- log
+            # --- log (tokens: real tokens of the global batch)
             dt, tokens_seen = time.time() - t0, tokens_seen + n_tok
             loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
-            append_line(out / "train_loss.txt", f"{run.step}\t{loss:.6f}")
-            append_line(out / "metrics.jsonl", json.dumps({
-                "step": run.step, "epoch": run.epoch + 1, "loss": round(loss, 6), "lr": lr,
-                "tokens_per_s": round(n_tok / dt, 1), "elapsed_s": round(time.time() - t_start, 2)}))
+            if main:
+                append_line(out / "train_loss.txt", f"{run.step}\t{loss:.6f}")
+                append_line(out / "metrics.jsonl", json.dumps({
+                    "step": run.step, "epoch": run.epoch + 1, "loss": round(loss, 6), "lr": lr,
+                    "tokens_per_s": round(n_tok / dt, 1), "elapsed_s": round(time.time() - t_start, 2)}))
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
             bar.update(1)
 
             # --- held-out loss, then the checkpoint (which records where the next step starts)
             if run.step % cfg.eval_interval == 0 or run.step == run.total:
                 val = evaluate_loss(model, data.eval_batches)
-                append_line(out / "val_loss.txt", f"{run.step}\t{val:.6f}")
+                if main:
+                    append_line(out / "val_loss.txt", f"{run.step}\t{val:.6f}")
                 log(f"step {run.step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
-            if run.micro >= len(order):  # end of the epoch
-                run.epoch, run.micro = run.epoch + 1, 0
-            if run.step % cfg.save_interval == 0 or run.step == run.total:
-                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "micro": run.micro})
+            if run.examples >= len(data.train_features):  # end of the epoch
+                run.epoch, run.examples = run.epoch + 1, 0
+            if main and (run.step % cfg.save_interval == 0 or run.step == run.total):
+                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "examples": run.examples,
+                                                      "global_batch": run.global_batch})
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if stop_after is not None and run.step >= stop_after:
                 return False
     return True
 
 
-def optimizer_step(run, group):
-    """Forward/backward over the micro-batches in `group` (lists of example indices), then
-    clipping and one AdamW step. Returns (mean loss over the micro-batches, real tokens)."""
-    cfg, model, opt = run.cfg, run.model, run.opt
-    loss_sum, n_tok = 0.0, 0
-    for idx in group:
-        b = collate([run.data.train_features[i] for i in idx])
-        _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
-        opt.backward(loss / len(group))
-        loss_val = loss.item()
-        if not math.isfinite(loss_val):
-            raise SystemExit(f"loss is {loss_val} at step {run.step + 1} (epoch {run.epoch + 1}); stopping. "
-                             f"The last good checkpoint is {latest_checkpoint(run.out) or 'none'}; try a lower --lr.")
-        loss_sum, n_tok = loss_sum + loss_val / len(group), n_tok + count_tokens(b)
-    if cfg.clip > 0:
+def optimizer_step(run, batch):
+    """Forward/backward over this rank's micro-batches of the global batch `batch` (example
+    indices), the gradients summed over the ranks once, clipping, one AdamW step. Returns
+    (the step's loss, real tokens of the global batch).
+
+    The step's loss is the sum of the token losses over every supervised token of the global
+    batch divided by their number, however the batch is split into micro-batches and
+    processes (transformers' num_items_in_batch): each micro-batch's mean loss is weighted by
+    its share of those tokens, and the ranks' gradients are summed."""
+    cfg, model, opt, features = run.cfg, run.model, run.opt, run.data.train_features
+    n_total = count_supervised([features[i] for i in batch])  # every rank sees the whole global batch
+    mine = [idx for idx in rank_share(batch, distributed.world_size, distributed.rank, cfg.grad_accum) if idx]
+    loss_sum = 0.0
+    with distributed.no_sync():  # accumulate here; one all-reduce below
+        for idx in mine:
+            b = collate([features[i] for i in idx])
+            n = int((b["targets"] != IGNORE_INDEX).sum())
+            _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
+            opt.backward(loss * (n / n_total))
+            loss_sum += loss.item() * n
+        if not mine:  # a short last batch left this rank nothing: it adds zero gradients
+            opt.backward(sum(p.sum() for p in model.trainable_parameters()) * 0.0)
+    loss_sum, = distributed.all_reduce_grads(opt, [loss_sum])
+    loss = loss_sum / n_total
+    if not math.isfinite(loss):  # the same value on every rank: they all stop here
+        raise SystemExit(f"loss is {loss} at step {run.step + 1} (epoch {run.epoch + 1}); stopping. "
+                         f"The last good checkpoint is {latest_checkpoint(run.out) or 'none'}; try a lower --lr.")
+    if cfg.clip > 0:  # on the summed gradient
         opt.clip_grad_norm(cfg.clip)
     # Jittor counts backward() calls in n_step; AdamW's bias correction must count
     # optimizer steps (as torch does), which differ under gradient accumulation.
     opt.n_step = run.step + 1
     opt.step()
-    return loss_sum, n_tok
+    return loss, sum(len(features[i].input_ids) for i in batch)
 
 
 # ----------------------------------------------------------------------------
 # Phase 3: finish
 
 def finish(run):
-    """The final adapter, SQuAD EM/F1 by greedy generation, the loss curves."""
+    """The final adapter, SQuAD EM/F1 by greedy generation, the loss curves (files: rank 0)."""
     out = run.out
     run.model.eval()
-    run.model.save_lora_weights(out / "adapter")
+    if distributed.is_main:
+        run.model.save_lora_weights(out / "adapter")
     log(f"adapter saved to {out / 'adapter'} (PEFT format)")
     final_scores(run)
-    try:
-        plot_runs([out], out / "curves.png")
-        log(f"loss curves: {out / 'curves.png'}")
-    except Exception as e:  # a plotting problem must not cost the finished run
-        log(f"warning: could not plot the curves ({e})")
+    if distributed.is_main:
+        try:
+            plot_runs([out], out / "curves.png")
+            log(f"loss curves: {out / 'curves.png'}")
+        except Exception as e:  # a plotting problem must not cost the finished run
+            log(f"warning: could not plot the curves ({e})")
+    distributed.barrier()  # no rank ends before rank 0's files are written
     log(f"done: {out}/ holds adapter/ (PEFT format), checkpoint-*/, train_loss.txt, val_loss.txt, "
         f"metrics.jsonl, config.json, predictions.json, scores.json, curves.png")
 
 
 def final_scores(run):
-    """SQuAD EM/F1 by greedy generation on held-out (and optionally training) questions."""
+    """SQuAD EM/F1 by greedy generation on held-out (and optionally training) questions.
+    Under MPI each rank answers every W-th batch and rank 0 gathers the answers: the same
+    batches, so the same answers, as one process."""
     cfg, data, scores = run.cfg, run.data, {}
     for name, examples, path, n in (("heldout", data.eval_examples, data.eval_path, cfg.gen_eval_examples),
                                     ("train", data.train_examples, data.train_path, cfg.train_gen_eval_examples)):
         if not n:
             continue
-        preds = answer_questions(run.model, run.tokenizer, examples[:n], batch_size=cfg.batch_size,
-                                 max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
+        mine = answer_questions(run.model, run.tokenizer, examples[:n], batch_size=cfg.batch_size,
+                                max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+                                shard=(distributed.rank, distributed.world_size), progress=distributed.is_main)
+        answers = {k: v for part in distributed.all_gather(mine) for k, v in part.items()}
+        if not distributed.is_main:
+            continue
+        preds = {ex.id: answers[ex.id] for ex in examples[:n]}
         s = evaluate_squad(subset_dataset(load_squad_json(path), set(preds)), preds)
         scores[name] = {**s, "questions": len(preds)}
         atomic_write_json(run.out / ("predictions.json" if name == "heldout" else "predictions_train.json"), preds)
         log(f"{name} SQuAD EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}  on {len(preds)} questions")
-    if scores:
+    if scores and distributed.is_main:
         atomic_write_json(run.out / "scores.json", scores)
 
 
@@ -340,9 +405,13 @@ def train(cfg, resume=False, stop_after=None, progress=True):
     return run.out
 
 
-if __name__ == "__main__":
+def main():
     cfg, resume = parse_args(description=__doc__.split("\n")[0])
     try:
         train(cfg, resume=resume)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    distributed.run_main(main)  # under mpirun: an error on one rank stops them all

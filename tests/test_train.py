@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import train_default_lora
-from gpt2_lora_dataset import batches, encode_dataset, load_squad_json, read_squad
+from gpt2_lora_dataset import batches, encode_dataset, load_squad_json, rank_share, read_squad
 from model_utils import evaluate_squad, load_tokenizer
 from test_generation import subset_dataset
 from train_config import AT_LEAST_ONE, DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args
@@ -108,13 +108,16 @@ def test_resume_ends_with_the_same_adapter(split_files, tmp_path, stop_after):
 
 @pytest.mark.parametrize("grad_accum,bucket", [(1, False), (2, True)])
 def test_every_epoch_trains_in_its_own_order(split_files, tmp_path, monkeypatch, grad_accum, bucket):
-    """Epoch e trains on batches(..., epoch=e): the examples of every micro-batch, in order."""
+    """Epoch e trains on batches(..., epoch=e) of the global batch, each cut into grad_accum
+    micro-batches by rank_share: the examples of every micro-batch, in order."""
     cfg = tiny_cfg(split_files, tmp_path / "run", epochs=2, max_steps=0, grad_accum=grad_accum, bucket=bucket,
                    eval_interval=100, save_interval=100)
     seen = record_training_batches(monkeypatch, cfg.train_file)
     train(cfg, progress=False)
     features, _ = encode_dataset(load_tokenizer(), read_squad(cfg.train_file)[0], cfg.max_length, cfg.loss_on)
-    per_epoch = [[[features[i].id for i in b] for b in batches(features, cfg.batch_size, cfg.seed, e, bucket=bucket)]
+    per_epoch = [[[features[i].id for i in micro]
+                  for b in batches(features, cfg.batch_size * grad_accum, cfg.seed, e, bucket=bucket)
+                  for micro in rank_share(b, 1, 0, grad_accum) if micro]
                  for e in range(cfg.epochs)]
     assert per_epoch[0] != per_epoch[1], "both epochs in one order: the test could not see the bug"
     n = len(per_epoch[0])
@@ -126,14 +129,14 @@ def test_every_epoch_trains_in_its_own_order(split_files, tmp_path, monkeypatch,
 
 def test_resume_in_a_later_epoch_equals_the_uninterrupted_run(split_files, tmp_path):
     """Stopped inside epoch 2, between two saves, with gradient accumulation and length buckets."""
-    # 36 questions / batch 4 = 9 micro-batches = 5 optimizer steps per epoch (the 5th has one
-    # micro-batch): epoch 2 is steps 6-10; saves at 4, 8, 12 and 15.
+    # 36 questions / global batch 8 = 5 optimizer steps per epoch (the 5th has 4 questions, in
+    # two micro-batches of 2): epoch 2 is steps 6-10; saves at 4, 8, 12 and 15.
     kw = dict(epochs=3, max_steps=0, grad_accum=2, bucket=True, save_interval=4, eval_interval=5, dropout=0.1)
     full = train(tiny_cfg(split_files, tmp_path / "full", **kw), progress=False)
     cfg = tiny_cfg(split_files, tmp_path / "resumed", **kw)
     train(cfg, stop_after=9, progress=False)
     state = json.loads((tmp_path / "resumed" / "checkpoint-000008" / "trainer_state.json").read_text())
-    assert (state["epoch"], state["micro"]) == (1, 6), state  # the restart point lies inside epoch 2
+    assert (state["epoch"], state["examples"]) == (1, 24), state  # the restart point lies inside epoch 2
     train(cfg, resume=True, progress=False)
     assert_same_run(full, tmp_path / "resumed", "resume inside epoch 2 (after step 9, from step 8)")
 

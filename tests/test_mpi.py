@@ -1,0 +1,204 @@
+"""Several processes, one result (distributed.py, train_default_lora.py under mpirun -np 2).
+
+The same global batch split four ways trains the same adapter: 1 process with batch 8,
+1 process with batch 4 x --grad-accum 2, mpirun -np 2 with batch 4, mpirun -np 2 with batch
+2 x --grad-accum 2. Tiny random GPT-2, real SQuAD questions from ../shared. Each mpirun
+starts Jittor in 2 processes (seconds each), so the runs are few and short.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gpt2_lora_dataset import SHARED_SQUAD
+from train_config import TrainConfig
+from train_default_lora import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_FILE, EVAL_FILE = SHARED_SQUAD / "dev-v1.1-train-split.json", SHARED_SQUAD / "dev-v1.1-heldout-split.json"
+NO_BASE_DROPOUT = ",resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
+TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
+# 33 questions, global batch 8: 5 steps per epoch, the 5th with one question, which leaves
+# the other rank (and micro-batches) of that step nothing to train on.
+SETTINGS = dict(train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE), max_train_examples=33, max_length=160,
+                epochs=2, eval_interval=5, save_interval=5, keep_checkpoints=0, eval_examples=8,
+                gen_eval_examples=6, max_new_tokens=8, lr=3e-3, warmup_steps=2)
+# global batch 8 = batch_size x grad_accum x processes
+SPLITS = {"1x8": (1, 8, 1), "1x4x2": (1, 4, 2), "2x4": (2, 4, 1), "2x2x2": (2, 2, 2)}
+
+
+def mpi_missing():
+    """Why the multi-process tests cannot run here, or None."""
+    if not shutil.which("mpirun") or not shutil.which("mpicc"):
+        return ("OpenMPI is not installed: `sudo apt-get install openmpi-bin libopenmpi-dev` "
+                "(`make test` does it as root) enables the multi-process tests")
+    if not SHARED_SQUAD.is_dir():
+        return f"the SQuAD files of ../shared are missing ({SHARED_SQUAD})"
+    return None
+
+
+needs_mpi = pytest.mark.skipif(mpi_missing() is not None, reason=str(mpi_missing()))
+
+
+def settings(dropout, bucket):
+    base = TINY + ("" if dropout else NO_BASE_DROPOUT)
+    return dict(SETTINGS, random_base=base, dropout=0.1 if dropout else 0.0, bucket=bucket)
+
+
+def command_line(cfg):
+    """TrainConfig fields -> train_default_lora.py options."""
+    argv = []
+    for f in fields(TrainConfig):
+        value = cfg.get(f.name)
+        if value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        argv += ([flag] if value else ["--no-" + flag[2:]]) if f.type is bool else [flag, str(value)]
+    return argv
+
+
+def mpirun(args, timeout=600, env=None, check=True):
+    """`mpirun -np 2 python ARGS` from the repository root, one thread per process."""
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1"]
+    for name in env or {}:  # pass these variables on to the processes
+        cmd += ["-x", name]
+    t = time.time()
+    r = subprocess.run(cmd + [sys.executable] + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    r.elapsed = time.time() - t
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def run(split, cfg, out, resume=False, stop_after=None):
+    """Train `cfg` split as SPLITS[split] into out; one process runs here, two under mpirun."""
+    processes, batch_size, grad_accum = SPLITS[split]
+    cfg = dict(cfg, batch_size=batch_size, grad_accum=grad_accum, output_dir=str(out))
+    if processes == 1:
+        train(TrainConfig(**cfg), resume=resume, stop_after=stop_after, progress=False)
+        return None
+    return mpirun(["train_default_lora.py"] + command_line(cfg) + ["--resume"] * resume)
+
+
+def steps_and_values(path):
+    rows = [line.split() for line in Path(path).read_text().splitlines()]
+    return [int(s) for s, _ in rows], np.array([float(v) for _, v in rows])
+
+
+def differences(ref, other):
+    """(max relative train-loss, max relative held-out-loss, max absolute adapter) difference."""
+    out = []
+    for log in ("train_loss.txt", "val_loss.txt"):
+        (s0, v0), (s1, v1) = steps_and_values(ref / log), steps_and_values(other / log)
+        assert s0 == s1, (log, s0, s1)
+        out.append(float(np.max(np.abs(v1 - v0) / np.abs(v0))))
+    a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (ref, other))
+    assert a.keys() == b.keys()
+    out.append(float(max(np.abs(a[k] - b[k]).max() for k in a)))
+    return out
+
+
+def assert_same_training(ref, other, what):
+    loss, val, adapter = differences(ref, other)
+    print(f"\n{what}: max relative difference of the step losses {loss:.1e}, of the held-out losses {val:.1e}; "
+          f"max |adapter difference| {adapter:.1e}")
+    assert loss < 1e-5 and val < 1e-5 and adapter < 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """{(dropout, bucket): output folder} of the one-process batch-8 runs, made on demand."""
+    made = {}
+
+    def get(dropout, bucket):
+        if (dropout, bucket) not in made:
+            out = tmp_path_factory.mktemp("ref") / "run"
+            run("1x8", settings(dropout, bucket), out)
+            made[dropout, bucket] = out
+        return made[dropout, bucket]
+    return get
+
+
+# ----------------------------------------------------------------------------
+
+@needs_mpi
+@pytest.mark.parametrize("dropout,bucket", [(False, False), (True, True)], ids=["no-dropout", "dropout-bucket"])
+def test_one_result_however_the_global_batch_is_split(reference, tmp_path, dropout, bucket):
+    ref = reference(dropout, bucket)
+    for split in ("1x4x2", "2x4", "2x2x2"):
+        r = run(split, settings(dropout, bucket), tmp_path / split)
+        assert_same_training(ref, tmp_path / split, f"{split} vs 1x8 ({'dropout 0.1' if dropout else 'no dropout'}"
+                                                    f"{', buckets' if bucket else ''})")
+        preds = json.loads((tmp_path / split / "predictions.json").read_text())
+        assert preds == json.loads((ref / "predictions.json").read_text()), "gathered predictions differ"
+        if r is not None:  # rank 0 alone wrote, printed and logged
+            assert_rank_zero_outputs(ref, tmp_path / split, r)
+
+
+def assert_rank_zero_outputs(ref, out, r):
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 10  # each step logged once
+    assert r.stderr.count("global batch: 8 examples per optimizer step") == 1, r.stderr[-2000:]
+    assert r.stdout.count("trainable params:") == 1
+    assert r.stderr.count("heldout SQuAD EM") == 1
+    assert json.loads((out / "scores.json").read_text()) == json.loads((ref / "scores.json").read_text())
+
+
+@needs_mpi
+def test_a_rank_dies_then_the_run_resumes_with_another_number_of_processes(reference, tmp_path):
+    """2 processes; rank 1 is killed in step 7: mpirun stops rank 0 (no hang), checkpoint 5
+    is intact, and 1 process (batch 8) finishes the run as the uninterrupted one. Then the
+    other way: 1 process stops after step 6, 2 processes (batch 2 x 2) finish it."""
+    ref, cfg = reference(False, False), settings(False, False)
+    out = tmp_path / "killed"
+    argv = command_line(dict(cfg, batch_size=4, output_dir=str(out)))
+    r = mpirun(["tests/mpi_programs.py", "train-and-die"] + argv, env={"DIE_AT_STEP": "7"}, check=False)
+    print(f"\nrank 1 killed in step 7: mpirun exited with status {r.returncode} after {r.elapsed:.0f} s")
+    assert r.returncode != 0 and "killing myself at the start of step 7" in r.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000005"]
+    a = load_file(str(ref / "checkpoint-000005" / "trainer_state.safetensors"))
+    b = load_file(str(out / "checkpoint-000005" / "trainer_state.safetensors"))
+    print(f"checkpoint 5 vs the one-process run's: max |difference| {max(np.abs(a[k] - b[k]).max() for k in a):.1e}")
+    assert a.keys() == b.keys() and max(np.abs(a[k] - b[k]).max() for k in a) < 1e-5
+    run("1x8", cfg, out, resume=True)
+    assert_same_training(ref, out, "2 processes killed in step 7, resumed from step 5 by 1 process")
+
+    out = tmp_path / "grown"
+    run("1x8", cfg, out, stop_after=6)
+    run("2x2x2", cfg, out, resume=True)
+    assert_same_training(ref, out, "1 process stopped after step 6, resumed from step 5 by 2 processes")
+    # a resumed run must keep the global batch
+    with pytest.raises(SystemExit, match=r"global batch of 8 examples and this one has 4"):
+        train(TrainConfig(**dict(cfg, batch_size=2, grad_accum=2, output_dir=str(out))), resume=True, progress=False)
+
+
+@needs_mpi
+def test_distributed_helpers_and_the_barrier_timeout():
+    r = mpirun(["tests/mpi_programs.py", "helpers"], check=False)
+    print("\n" + "\n".join(line for line in r.stdout.splitlines() if line.startswith("rank")))
+    assert r.stdout.count("helpers ok") == 2, r.stderr[-3000:]
+    assert "Jittor's backward 6, no_sync + all_reduce_grads 1" in r.stdout
+    # rank 0 gave up waiting for rank 1 after 2 s, and mpirun stopped rank 1's 120 s sleep
+    assert r.returncode != 0 and "passed the barrier" not in r.stdout
+    assert "Timeout (0:00:02)!" in r.stderr
+    print(f"barrier timeout: mpirun exited with status {r.returncode} after {r.elapsed:.0f} s in all")
+    assert r.elapsed < 100
+
+
+def test_mpirun_without_jittor_mpi_says_how_to_enable_it():
+    """Started by mpirun (its environment variable) where Jittor cannot build its MPI ops."""
+    env = {**os.environ, "OMPI_COMM_WORLD_SIZE": "2", "use_mpi": "0"}
+    r = subprocess.run([sys.executable, "-c", "import jittor_env"], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300)
+    print("\n" + r.stderr.strip())
+    assert r.returncode == 1 and "apt-get install openmpi-bin libopenmpi-dev" in r.stderr
+    assert "Traceback" not in r.stderr
