@@ -20,7 +20,8 @@ Layouts:
   accumulate into y), with gradients that skip what nothing reads (frozen W and b).
 - Dropout hashes a seed and each element's index: the backward pass regenerates the mask
   instead of storing it. Seeds come from Jittor's generator, so jt.set_seed still makes
-  runs repeatable.
+  runs repeatable. Inside token_keys() the index is replaced by (the token's example and
+  position, column), so a token's masks do not depend on the batch it is in.
 - A generation step (a few rows times every weight) is bound by reading the weights:
   few-row products stream each weight once per thread, and GreedyHead picks greedy tokens
   from a bfloat16 copy of the LM head's table with a proven error bound, recomputing in
@@ -38,6 +39,7 @@ Only for Jittor on CPU with oneDNN ("mkl" in Jittor); `available()` says whether
 runtime.prepare(model) is what switches a model to them.
 """
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +78,10 @@ def _code(shapes, dtypes, inputs, header, src, data=None):
 
 
 def _seed():
-    """2 x 24 random bits from Jittor's generator (so jt.set_seed makes dropout repeatable)."""
-    return jt.randint(0, 1 << 24, (2,), "int32")
+    """2 x 24 random bits from Jittor's generator (so jt.set_seed makes dropout repeatable),
+    drawn now: Jittor's random ops draw when the graph runs, in an order that can change
+    with the batch's shapes, and token_keys() needs each call's seed fixed by call order."""
+    return jt.array(jt.randint(0, 1 << 24, (2,), "int32").numpy())
 
 
 def _no_seed():
@@ -85,27 +89,89 @@ def _no_seed():
 
 
 # ----------------------------------------------------------------------------
+# Dropout keyed by token
+#
+# A batch's dropout masks normally hash each element's flat index, so the mask a token gets
+# depends on which examples share its batch and where it sits. Inside token_keys(), every
+# array whose rows are the batch's tokens (the padded batch, its packed real tokens, or the
+# query rows of a PackedRows made inside the block) is dropped row by row: row r hashes its
+# columns under the call's seed mixed with its token's key (example id << 12) + position,
+# and attention probabilities under (the query token's key, head) with the key positions as
+# columns. With the same seeds (jt.set_seed before each forward), a global batch split into
+# any micro-batches and processes draws the same masks. The kernels find a call's row keys
+# by its number of rows, which tells the layouts of one batch apart.
+
+_keys = None  # {rows: int32 Var of the row keys} inside token_keys(), else None
+
+
+def _token_key_array(example_ids, positions):
+    key = (np.asarray(example_ids, np.int64) << 12) + np.asarray(positions, np.int64)
+    return (key & 0xFFFFFFFF).astype(np.uint32).view(np.int32)  # 32-bit keys; the hash mixes them
+
+
+@contextmanager
+def token_keys(example_ids, attention_mask):
+    """Key the dropout masks of the batch run inside this block by token (see above).
+
+    example_ids: (B,) ints that name the batch's examples wherever they are trained (e.g.
+    their index in the training set); attention_mask: (B, T), 1 = real token, right-padded.
+    """
+    global _keys
+    mask = np.asarray(attention_mask) > 0
+    B, T = mask.shape
+    positions = np.broadcast_to(np.arange(T), (B, T))
+    padded = _token_key_array(np.repeat(np.asarray(example_ids), T), positions.reshape(-1))
+    _keys = {}
+    try:
+        _register(B * T, padded)
+        _register(int(mask.sum()), padded[mask.reshape(-1)])  # the real tokens, row-major (PackedRows)
+        yield
+    finally:
+        _keys = None
+
+
+def _register(rows, keys):
+    old = _keys.get(rows)
+    if old is not None and not np.array_equal(old.numpy(), keys):
+        raise RuntimeError(f"token_keys: two token layouts of {rows} rows; their dropout keys would be ambiguous")
+    _keys[rows] = jt.array(keys)
+
+
+def _row_keys(rows):
+    """(int32 Var of the keys of `rows` token rows, 1.0) inside token_keys(), else (placeholder, 0.0)."""
+    if _keys is None:
+        return jt.zeros((1,), "int32"), 0.0
+    if rows not in _keys:
+        raise RuntimeError(f"token_keys: no token layout of {rows} rows in this batch (have {sorted(_keys)})")
+    return _keys[rows], 1.0
+
+
+# ----------------------------------------------------------------------------
 # Dropout
 
-_DROPOUT_SRC = 'gpt2cpu::dropout(in0->num, in0_p, gpt2cpu::Drop(data["p"], in1_p), out0_p);'
+_DROPOUT_SRC = r"""gpt2cpu::dropout(in0->num, in0_p, gpt2cpu::Drop(data["p"], in1_p, data["keyed"] > 0 ? in2_p : nullptr,
+                                                   in0_shape1), out0_p);"""
 
 
 class _Dropout(jt.Function):
     def execute(self, x, p):
-        self.seed, self.p = _seed(), p
-        return _code(x.shape, "float32", [x, self.seed], "common.h", _DROPOUT_SRC, {"p": float(p)})
+        x = x.reshape(-1, x.shape[-1])  # a row per token
+        self.seed, (self.keys, keyed) = _seed(), _row_keys(x.shape[0])
+        self.data = {"p": float(p), "keyed": keyed}
+        return _code(x.shape, "float32", [x, self.seed, self.keys], "common.h", _DROPOUT_SRC, self.data)
 
     def grad(self, dy):  # the same mask and scale, regenerated from the seed
-        return _code(dy.shape, "float32", [dy, self.seed], "common.h", _DROPOUT_SRC, {"p": float(self.p)}), None
+        return _code(dy.shape, "float32", [dy, self.seed, self.keys], "common.h", _DROPOUT_SRC, self.data), None
 
 
 def dropout(x, p):
     """Inverted dropout of a float32 Var in training: 0 with probability p, else x / (1 - p).
 
     The same distribution as jittor.nn.Dropout(p) in training, from a different random
-    stream: element i is kept when a hash of (seed, i) clears a threshold.
+    stream: element i is kept when a hash of (seed, i) clears a threshold (inside
+    token_keys(): a hash of (seed, its token, its column)).
     """
-    return _Dropout()(x, p)
+    return _Dropout()(x, p).reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -153,28 +219,32 @@ class _LoRALinear(jt.Function):
 
     def execute(self, x, weight, bias, lora_A, B_full, seed, scaling, p_drop):
         n, n_out, r = x.shape[0], weight.shape[1], lora_A.shape[0] if scaling else 0
-        self.data = {"r": r, "s": float(scaling), "p": float(p_drop)}
-        y, a = _code([(n, n_out), (n, max(r, 1))], ["float32", "float32"], [x, weight, bias, lora_A, B_full, seed],
-                     "linear.h", r"""
+        keys, keyed = _row_keys(n) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
+        self.data = {"r": r, "s": float(scaling), "p": float(p_drop), "keyed": keyed}
+        y, a = _code([(n, n_out), (n, max(r, 1))], ["float32", "float32"],
+                     [x, weight, bias, lora_A, B_full, seed, keys], "linear.h", r"""
     gpt2cpu::lora_forward(in0_shape0, in1_shape0, in1_shape1, (int64_t)data["r"], in0_p, in1_p, in2_p, in3_p, in4_p,
-                          (float)data["s"], gpt2cpu::Drop(data["p"], in5_p), out0_p, out1_p);""", self.data)
-        self.saved = (x, weight, lora_A, B_full, seed, a)
+                          (float)data["s"], gpt2cpu::Drop(data["p"], in5_p, data["keyed"] > 0 ? in6_p : nullptr,
+                                                          in0_shape1), out0_p, out1_p);""", self.data)
+        self.saved = (x, weight, lora_A, B_full, seed, keys, a)
         return y
 
     def grad(self, dy):
-        x, weight, lora_A, B_full, seed, a = self.saved
+        x, weight, lora_A, B_full, seed, keys, a = self.saved
         r, (n_in, n_out) = self.data["r"], weight.shape
         # Jittor is lazy: of these, only what something reads is computed (no dW for a frozen W).
         dW, db = _gemm(x, dy, True, False), dy.sum(0)
         if not r:
             return _gemm(dy, weight, False, True), dW, db, None, None, None, None, None
         g = _gemm(dy, B_full, False, False) * self.data["s"]  # (n, r), shared by both kernels below
-        dx = _code(x.shape, "float32", [dy, weight, lora_A, g, seed], "linear.h", r"""
+        dx = _code(x.shape, "float32", [dy, weight, lora_A, g, seed, keys], "linear.h", r"""
     gpt2cpu::lora_input_grad(in0_shape0, in1_shape0, in1_shape1, in2_shape0, in0_p, in1_p, in2_p, in3_p,
-                             gpt2cpu::Drop(data["p"], in4_p), out0_p);""", self.data)
-        dA, dB = _code([(r, n_in), (n_out, r)], ["float32", "float32"], [dy, x, a, g, seed], "linear.h", r"""
+                             gpt2cpu::Drop(data["p"], in4_p, data["keyed"] > 0 ? in5_p : nullptr, in1_shape0),
+                             out0_p);""", self.data)
+        dA, dB = _code([(r, n_in), (n_out, r)], ["float32", "float32"], [dy, x, a, g, seed, keys], "linear.h", r"""
     gpt2cpu::lora_weight_grads(in0_shape0, in1_shape1, in0_shape1, in3_shape1, in0_p, in1_p, in2_p, in3_p,
-                               (float)data["s"], gpt2cpu::Drop(data["p"], in4_p), out0_p, out1_p);""", self.data)
+                               (float)data["s"], gpt2cpu::Drop(data["p"], in4_p, data["keyed"] > 0 ? in5_p : nullptr,
+                                                               in1_shape1), out0_p, out1_p);""", self.data)
         return dx, dW, db, dA, dB, None, None, None
 
 
@@ -242,20 +312,22 @@ def gelu_tanh(x):
 class _PaddedAttention(jt.Function):
     def execute(self, qkv, mask, seed, n_head, p_drop):
         B, T, C3 = qkv.shape
-        self.saved = (qkv, mask, seed)
-        self.data = {"H": n_head, "p": float(p_drop), "has_mask": float(mask.ndim == 2)}
-        y, self.probs = _code([(B, T, C3 // 3), (B, n_head, T, T)], ["float32", "float32"], [qkv, mask, seed],
+        keys, keyed = _row_keys(B * T) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
+        self.saved = (qkv, mask, seed, keys)
+        self.data = {"H": n_head, "p": float(p_drop), "has_mask": float(mask.ndim == 2), "keyed": keyed}
+        y, self.probs = _code([(B, T, C3 // 3), (B, n_head, T, T)], ["float32", "float32"], [qkv, mask, seed, keys],
                               "attention.h", r"""
     gpt2cpu::padded_attention(in0_shape0, in0_shape1, in0_shape2 / 3, (int)data["H"], data["has_mask"] > 0 ? in1_p : nullptr,
-                              gpt2cpu::Drop(data["p"], in2_p), in0_p, out0_p, out1_p);""", self.data)
+                              gpt2cpu::Drop(data["p"], in2_p, data["keyed"] > 0 ? in3_p : nullptr), in0_p, out0_p, out1_p);""",
+                              self.data)
         return y
 
     def grad(self, dy):
-        qkv, mask, seed = self.saved
-        return _code(qkv.shape, "float32", [qkv, mask, seed, self.probs, dy], "attention.h", r"""
+        qkv, mask, seed, keys = self.saved
+        return _code(qkv.shape, "float32", [qkv, mask, seed, keys, self.probs, dy], "attention.h", r"""
     gpt2cpu::padded_attention(in0_shape0, in0_shape1, in0_shape2 / 3, (int)data["H"], data["has_mask"] > 0 ? in1_p : nullptr,
-                              gpt2cpu::Drop(data["p"], in2_p), in0_p, nullptr, in3_p, in4_p, out0_p);""",
-                     self.data), None, None, None, None
+                              gpt2cpu::Drop(data["p"], in2_p, data["keyed"] > 0 ? in3_p : nullptr), in0_p, nullptr, in4_p,
+                              in5_p, out0_p);""", self.data), None, None, None, None
 
 
 def padded_causal_attention(qkv, key_mask, n_head, p_drop=0.0):
@@ -289,6 +361,8 @@ class PackedRows:
         # per sequence (first row, rows, queries): csrc/attention.h's packed_heads
         self.seg = jt.array(np.stack([self.starts, lengths, queries], 1)[keep].astype(np.int32))
         self.n_probs = int((lengths * queries).sum())
+        if _keys is not None and self.n_out < self.n_rows:  # inside token_keys(): the query rows' keys
+            _register(self.n_out, _row_keys(self.n_rows)[0].numpy()[self.query_rows()])
 
     def query_rows(self):
         """Indices of the rows that get an output, in output order."""
@@ -301,20 +375,22 @@ class PackedRows:
 
 class _PackedAttention(jt.Function):
     def execute(self, qkv, layout, seed, n_head, p_drop):
-        self.saved = (qkv, layout, seed)
-        self.data = {"H": n_head, "p": float(p_drop)}
+        keys, keyed = _row_keys(qkv.shape[0]) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
+        self.saved = (qkv, layout, seed, keys)
+        self.data = {"H": n_head, "p": float(p_drop), "keyed": keyed}
         y, self.probs = _code([(layout.n_out, qkv.shape[1] // 3), (n_head * layout.n_probs,)], ["float32", "float32"],
-                              [qkv, layout.seg, seed], "attention.h", r"""
+                              [qkv, layout.seg, seed, keys], "attention.h", r"""
     gpt2cpu::packed_attention(in1_shape0, in1_p, in0_shape0, in0_shape1 / 3, (int)data["H"],
-                              gpt2cpu::Drop(data["p"], in2_p), in0_p, out0_p, out1_p);""", self.data)
+                              gpt2cpu::Drop(data["p"], in2_p, data["keyed"] > 0 ? in3_p : nullptr), in0_p, out0_p, out1_p);""",
+                              self.data)
         return y
 
     def grad(self, dy):
-        qkv, layout, seed = self.saved
-        return _code(qkv.shape, "float32", [qkv, layout.seg, seed, self.probs, dy], "attention.h", r"""
+        qkv, layout, seed, keys = self.saved
+        return _code(qkv.shape, "float32", [qkv, layout.seg, seed, keys, self.probs, dy], "attention.h", r"""
     gpt2cpu::packed_attention(in1_shape0, in1_p, in0_shape0, in0_shape1 / 3, (int)data["H"],
-                              gpt2cpu::Drop(data["p"], in2_p), in0_p, nullptr, in3_p, in4_p, out0_p);""",
-                     self.data), None, None, None, None
+                              gpt2cpu::Drop(data["p"], in2_p, data["keyed"] > 0 ? in3_p : nullptr), in0_p, nullptr, in4_p,
+                              in5_p, out0_p);""", self.data), None, None, None, None
 
 
 def packed_causal_attention(qkv, layout, n_head, p_drop=0.0):

@@ -13,6 +13,8 @@ formulas as fused kernels; prepare() switches a model to them by
 
 prepare(model, fused=False) switches back; tests compare both on the same weights.
 """
+import contextlib
+
 from jittor_env import jt
 from jittor import nn
 import cpu_kernels
@@ -97,3 +99,12 @@ def prepare(model, fused=None):
 def is_fused(model):
     """True when prepare() switched `model` to the fused kernels."""
     return any(isinstance(m, GPT) and m.fused for m in model.modules())
+
+
+def dropout_keys(model, example_ids, attention_mask):
+    """A context for one training forward: where the fused kernels run, its dropout masks are
+    keyed by token (cpu_kernels.token_keys), the same however a batch is split; the plain
+    path draws them from Jittor's generator in the batch's layout."""
+    if is_fused(model):
+        return cpu_kernels.token_keys(example_ids, attention_mask)
+    return contextlib.nullcontext()

@@ -274,10 +274,8 @@ def train_loop(run, stop_after=None, progress=True):
                                              bucket=cfg.bucket), run.epoch
             batch = order[run.examples // run.global_batch]
 
-            # --- learning rate; dropout masks come from Jittor's RNG: reseeding per step makes a
-            # resumed run draw exactly the masks an uninterrupted run draws.
+            # --- learning rate
             lr = run.opt.lr = learning_rate(run.step, cfg, run.total)
-            jt.set_global_seed(cfg.seed * 100_003 + run.step)
 
             # --- forward / backward, one AdamW step
             t0 = time.time()
@@ -324,12 +322,23 @@ def optimizer_step(run, batch):
     cfg, model, opt, features = run.cfg, run.model, run.opt, run.data.train_features
     n_total = count_supervised([features[i] for i in batch])  # every rank sees the whole global batch
     mine = [idx for idx in rank_share(batch, distributed.world_size, distributed.rank, cfg.grad_accum) if idx]
+    # Dropout masks: reseeded per step, so a resumed run draws what an uninterrupted one
+    # draws. The fused kernels key them by (seed, step, example, position): every micro-batch
+    # of every rank starts from the same seed. The plain path's masks follow the batch
+    # layout: one seed per step and rank (Jittor's rank offset).
+    keyed, step_seed = runtime.is_fused(model), cfg.seed * 100_003 + run.step
+    if not keyed:
+        jt.set_global_seed(step_seed)
     loss_sum = 0.0
     with distributed.no_sync():  # accumulate here; one all-reduce below
         for idx in mine:
             b = collate([features[i] for i in idx])
             n = int((b["targets"] != IGNORE_INDEX).sum())
-            _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
+            if keyed:
+                jt.set_global_seed(step_seed, different_seed_for_mpi=False)
+            with runtime.dropout_keys(model, idx, b["attention_mask"]):
+                _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]),
+                                attention_mask=jt.array(b["attention_mask"]))
             opt.backward(loss * (n / n_total))
             loss_sum += loss.item() * n
         if not mine:  # a short last batch left this rank nothing: it adds zero gradients

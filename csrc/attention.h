@@ -19,10 +19,19 @@ struct Head {
                                       // nullptr: inference, a per-thread scratch block is used
     const float* kmask = nullptr;     // (Tk) 1 = real key, 0 = padding
     uint64_t drop_base = 0;           // dropout counter of P[0][0]
+    const int* qkeys = nullptr;       // keyed dropout: the key of each query's token (row i: qkeys[i])
+    int head = 0;                     // ... and this head's index
     const float* dy = nullptr; int64_t lddy = 0;                        // backward only
     float *dq = nullptr, *dk = nullptr, *dv = nullptr; int64_t lddq = 0, lddk = 0, lddv = 0;
     int causal_limit(int i) const { return std::min(Tk, i + (Tk - Tq) + 1); }
 };
+
+// Dropout of query row i's n probabilities: keyed by (the query's token, head) with the key
+// positions as counters when the rows have keys, else the flat counters of P from drop_base.
+inline void drop_probs(const Head& a, const Drop& drop, int i, float* dst, const float* src, int n) {
+    if (a.qkeys) drop.row((uint32_t)a.qkeys[i]).row((uint32_t)a.head).apply(dst, src, n, 0);
+    else drop.apply(dst, src, n, a.drop_base + (uint64_t)i * a.Tk);
+}
 
 // Softmax of one score row in place, 0 outside [0, lim) and where kmask is 0. A row with
 // no allowed key gets 1 / Tk everywhere: softmax over scores that were all replaced by
@@ -94,7 +103,7 @@ inline void head_forward(const Head& a, int D, float scale, const Drop& drop, fl
         const float* A = S;
         if (drop.on) {
             for (int i = i0; i < i1; i++)
-                drop.apply(dropped + (int64_t)i * a.Tk, a.P + (int64_t)i * a.Tk, kend, a.drop_base + (uint64_t)i * a.Tk);
+                drop_probs(a, drop, i, dropped + (int64_t)i * a.Tk, a.P + (int64_t)i * a.Tk, kend);
             A = dropped + (int64_t)i0 * a.Tk;
         }
         dnnl_sgemm('N', 'N', rows, D, kend, 1.f, A, a.Tk, a.v, a.ldv, 0.f, a.y + i0 * a.ldy, a.ldy);
@@ -117,9 +126,8 @@ inline void head_backward(const Head& a, int D, float scale, const Drop& drop, f
         const float* A = Pb;
         if (drop.on) {
             for (int i = i0; i < i1; i++) {
-                const uint64_t base = a.drop_base + (uint64_t)i * a.Tk;
-                drop.apply(dropped + (int64_t)i * a.Tk, a.P + (int64_t)i * a.Tk, kend, base);
-                drop.apply(G + (int64_t)i * a.Tk, G + (int64_t)i * a.Tk, kend, base);  // now the gradient of P
+                drop_probs(a, drop, i, dropped + (int64_t)i * a.Tk, a.P + (int64_t)i * a.Tk, kend);
+                drop_probs(a, drop, i, G + (int64_t)i * a.Tk, G + (int64_t)i * a.Tk, kend);  // now the gradient of P
             }
             A = dropped + (int64_t)i0 * a.Tk;
         }
@@ -169,9 +177,11 @@ inline void run_heads(const std::vector<Head>& heads, int D, float scale, const 
     }
 }
 
-// Padded batch: qkv (B, T, 3C), y (B, T, C), P (B, H, T, T); kmask (B, T) floats.
+// Padded batch: qkv (B, T, 3C), y (B, T, C), P (B, H, T, T); kmask (B, T) floats; keys
+// (B, T) of the tokens for keyed dropout, or nullptr.
 inline std::vector<Head> padded_heads(int B, int T, int H, int C, const float* qkv, float* y, float* P,
-                                      const float* kmask, const float* dy = nullptr, float* dqkv = nullptr) {
+                                      const float* kmask, const int* keys, const float* dy = nullptr,
+                                      float* dqkv = nullptr) {
     std::vector<Head> heads;
     const int D = C / H;
     for (int b = 0; b < B; b++) for (int h = 0; h < H; h++) {
@@ -181,6 +191,7 @@ inline std::vector<Head> padded_heads(int B, int T, int H, int C, const float* q
         a.q = qkv + row * 3 * C + off; a.k = a.q + C; a.v = a.q + 2 * C; a.ldq = a.ldk = a.ldv = 3 * C;
         a.y = y ? y + row * C + off : nullptr; a.ldy = C;
         a.P = P + bh * T * T; a.kmask = kmask + row; a.drop_base = bh * T * T;
+        if (keys) { a.qkeys = keys + row; a.head = h; }
         if (dy) {
             a.dy = dy + row * C + off; a.lddy = C;
             a.dq = dqkv + row * 3 * C + off; a.dk = a.dq + C; a.dv = a.dq + 2 * C;
@@ -194,8 +205,10 @@ inline std::vector<Head> padded_heads(int B, int T, int H, int C, const float* q
 // Packed rows: sequence s has Tk = seg[3s+1] rows from row seg[3s] of qkv (rows, 3C); its
 // queries are its last Tq = seg[3s+2] rows, whose outputs fill y (sum Tq, C) in order.
 // P holds, per sequence, (H, Tq, Tk). ones: at least max Tk floats of 1 (no padding here).
+// keys (rows) of the tokens for keyed dropout, or nullptr.
 inline std::vector<Head> packed_heads(int S, const int* seg, int H, int C, const float* qkv, float* y,
-                                      float* P, const float* ones, const float* dy = nullptr, float* dqkv = nullptr) {
+                                      float* P, const float* ones, const int* keys, const float* dy = nullptr,
+                                      float* dqkv = nullptr) {
     std::vector<Head> heads;
     const int D = C / H;
     int64_t out_row = 0, p_off = 0;
@@ -209,6 +222,7 @@ inline std::vector<Head> packed_heads(int S, const int* seg, int H, int C, const
             a.ldq = a.ldk = a.ldv = 3 * C;
             a.y = y ? y + out_row * C + off : nullptr; a.ldy = C;
             a.P = P + p_off; a.kmask = ones; a.drop_base = p_off;
+            if (keys) { a.qkeys = keys + qrow; a.head = h; }
             if (dy) {
                 a.dy = dy + out_row * C + off; a.lddy = C;
                 a.dq = dqkv + qrow * 3 * C + off; a.dk = dqkv + start * 3 * C + C + off; a.dv = a.dk + C;
@@ -258,8 +272,8 @@ inline float attention_scale(int C, int H) { return 1.f / sqrtf((float)(C / H));
 inline void padded_attention(int B, int T, int C, int H, const int* mask, const Drop& drop, const float* qkv,
                              float* y, float* P, const float* dy = nullptr, float* dqkv = nullptr) {
     const std::vector<float> kmask = key_mask((int64_t)B * T, mask);
-    run_heads(padded_heads(B, T, H, C, qkv, y, P, kmask.data(), dy, dqkv), C / H, attention_scale(C, H), drop,
-              dy != nullptr);
+    run_heads(padded_heads(B, T, H, C, qkv, y, P, kmask.data(), drop.keys, dy, dqkv), C / H, attention_scale(C, H),
+              drop, dy != nullptr);
 }
 
 // Packed rows: seg (S, 3) as in packed_heads, qkv (rows, 3C) -> y (sum Tq, C), keeping P.
@@ -273,8 +287,8 @@ inline void packed_attention(int S, const int* seg, int64_t rows, int C, int H, 
     for (int s = 0; s < S; s++) { most = std::max(most, seg[3 * s + 1]); queries += seg[3 * s + 2]; }
     const std::vector<float> ones(most, 1.f);  // no padding between packed rows
     if (dqkv && queries < rows) std::fill(dqkv, dqkv + rows * 3 * C, 0.f);
-    run_heads(packed_heads(S, seg, H, C, qkv, y, P, ones.data(), dy, dqkv), C / H, attention_scale(C, H), drop,
-              dy != nullptr);
+    run_heads(packed_heads(S, seg, H, C, qkv, y, P, ones.data(), drop.keys, dy, dqkv), C / H,
+              attention_scale(C, H), drop, dy != nullptr);
 }
 
 // KV cache step: writes the keys and values of the Tq new tokens of qkv (B, Tq, 3C) into

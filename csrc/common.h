@@ -42,6 +42,10 @@ struct OneThread {
 // 1 / (1 - p). The hash is MurmurHash3's 32-bit finaliser (a bijection with full
 // avalanche) of the counter mixed with two seed words: stateless, so it vectorises (32-bit
 // multiplies), runs in parallel, and the backward pass regenerates exactly the forward mask.
+//
+// Keyed rows (cpu_kernels.token_keys): when the array is (rows, width) with one key per row
+// (its token), element (r, c) hashes counter c under the seed mixed with keys[r] instead of
+// counter r * width + c, so a token's mask does not depend on where in the batch it sits.
 inline uint32_t hash32(uint32_t s0, uint32_t s1, uint32_t i) {
     uint32_t z = (i * 0x9E3779B9u + s0) ^ s1;
     z ^= z >> 16; z *= 0x85EBCA6Bu; z ^= z >> 13; z *= 0xC2B2AE35u; z ^= z >> 16;
@@ -50,15 +54,34 @@ inline uint32_t hash32(uint32_t s0, uint32_t s1, uint32_t i) {
 
 struct Drop {
     bool on; uint32_t s0, s1, threshold; float inv_keep;
+    const int* keys; int64_t width;  // keyed rows: a key per row of `width` elements; nullptr: flat counters
     // p: dropout probability (0: off, seed2 unused); seed2: two random seed words
-    Drop(double p, const int* seed2) : on(p > 0), s0(0), s1(0), threshold(0), inv_keep(1.f) {
+    Drop(double p, const int* seed2, const int* row_keys = nullptr, int64_t row_width = 0)
+        : on(p > 0), s0(0), s1(0), threshold(0), inv_keep(1.f), keys(nullptr), width(0) {
         if (!on) return;
         s0 = (uint32_t)seed2[0]; s1 = (uint32_t)seed2[1] * 0x01000193u;
         threshold = (uint32_t)std::min(4294967295.0, p * 4294967296.0);
         inv_keep = (float)(1.0 / (1.0 - p));
+        keys = row_keys; width = row_width;
+    }
+    // the flat stream of one keyed row: its own seed, counters from 0
+    Drop row(uint32_t key) const {
+        Drop d = *this;
+        d.s0 = hash32(s0, s1, key);
+        d.keys = nullptr;
+        return d;
     }
     // dst[j] = src[j] / (1 - p) if element base + j is kept, else 0 (dst may be src)
     void apply(float* dst, const float* src, int64_t n, uint64_t base) const {
+        if (keys) {  // split at row ends: element base + j is column (base + j) % width of its row
+            for (int64_t j = 0; j < n;) {
+                const int64_t r = (int64_t)((base + j) / width), c = (int64_t)((base + j) % width);
+                const int64_t len = std::min(n - j, width - c);
+                row((uint32_t)keys[r]).apply(dst + j, src + j, len, (uint64_t)c);
+                j += len;
+            }
+            return;
+        }
         // locals: stores to dst could alias the members, which would stop vectorisation
         const uint32_t a = s0, b = s1, t = threshold, i0 = (uint32_t)base;
         const float scale = inv_keep;
@@ -67,9 +90,9 @@ struct Drop {
     }
 };
 
-// y = dropout(x) over n floats, element i hashed with counter i; also its own gradient
-// (the same mask and scale applied to dy). Chunks of 4096: each thread hashes its own
-// counters, so any split gives the same mask.
+// y = dropout(x) over n floats, element i hashed with counter i (or keyed by rows); also
+// its own gradient (the same mask and scale applied to dy). Chunks of 4096: each thread
+// hashes its own counters, so any split gives the same mask.
 inline void dropout(int64_t n, const float* x, const Drop& drop, float* y) {
     #pragma omp parallel for schedule(dynamic, 16) if (n * 16 >= PARALLEL_MIN_WORK)
     for (int64_t c = 0; c < n; c += 4096)

@@ -8,6 +8,7 @@ packed rows with partial queries. Each test prints the largest difference.
 """
 import shutil
 import subprocess
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -24,10 +25,13 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def kept_scale(shape, seed, p):
-    """The dropout kernel's keep mask / (1 - p) for counters 0.. in row-major order of shape."""
-    ones = jt.ones(shape, "float32")
-    return K._code(ones.shape, "float32", [ones, seed], "common.h", K._DROPOUT_SRC, {"p": float(p)})
+def kept_scale(shape, seed, p, keys=None):
+    """The dropout kernel's keep mask / (1 - p) for counters 0.. in row-major order of shape,
+    or with keys (one per row of the last dimension): keyed by row (token_keys)."""
+    ones = jt.ones(shape, "float32").reshape(-1, shape[-1])
+    keyed = keys is not None
+    return K._code(ones.shape, "float32", [ones, seed, keys if keyed else jt.zeros((1,), "int32")], "common.h",
+                   K._DROPOUT_SRC, {"p": float(p), "keyed": float(keyed)}).reshape(shape)
 
 
 def plain_attention(qkv, mask, H, keep=None):
@@ -103,16 +107,21 @@ def test_packed_rows_equal_the_padded_batch_on_real_tokens():
     assert d_full < 1e-6 and d_part < 1e-6 and d_grad < 1e-5
 
 
-@pytest.mark.parametrize("lora,p", [(False, 0.0), (True, 0.0), (True, 0.25)])
-def test_linear_equals_plain_jittor(lora, p):
+@pytest.mark.parametrize("lora,p,keyed", [(False, 0.0, False), (True, 0.0, False), (True, 0.25, False),
+                                          (True, 0.25, True)])
+def test_linear_equals_plain_jittor(lora, p, keyed):
     rng = np.random.default_rng(3)
     n, n_in, n_out, r, s = 150, 48, 72, 4, 2.0
     x, W, b, A, B, w = (jt.array(rng.normal(size=shape).astype(np.float32))
                         for shape in [(n, n_in), (n_in, n_out), (n_out,), (r, n_in), (n_out, r), (n, n_out)])
     seed = jt.array(np.array([4242, 77], np.int32))
+    keys = None
     if lora:
-        ours = K._LoRALinear()(x, W, b, A, B, seed, s, p)
-        xd = x * kept_scale((n, n_in), seed, p) if p else x
+        # keyed: the 150 rows are the real tokens of 3 examples of 60, 50 and 40 tokens
+        with K.token_keys([4, 0, 9], np.arange(60)[None, :] < np.array([[60], [50], [40]])) if keyed else nullcontext():
+            ours = K._LoRALinear()(x, W, b, A, B, seed, s, p)
+            keys = K._row_keys(n)[0] if keyed else None
+        xd = x * kept_scale((n, n_in), seed, p, keys) if p else x
         ref = jt.matmul(x, W) + b + jt.matmul(jt.matmul(xd, A.transpose(1, 0)), B.transpose(1, 0)) * s
         params = [x, W, b, A, B]
     else:
@@ -120,7 +129,7 @@ def test_linear_equals_plain_jittor(lora, p):
     d_fwd = rel_err(ours.numpy(), ref.numpy())
     d_bwd = [rel_err(g.numpy(), h.numpy()) for g, h in
              zip(jt.grad((ours * w).sum(), params), jt.grad((ref * w).sum(), params))]
-    print(f"\nlinear (lora={lora}, dropout {p}): relative diff forward {d_fwd:.1e}, "
+    print(f"\nlinear (lora={lora}, dropout {p}{', keyed by token' if keyed else ''}): relative diff forward {d_fwd:.1e}, "
           f"gradients (x, W, b{', A, B' if lora else ''}) {', '.join(f'{d:.1e}' for d in d_bwd)}")
     assert d_fwd < 1e-6 and max(d_bwd) < 1e-5
 
@@ -181,6 +190,84 @@ def test_dropout_kernel_rate_scale_gradient_and_seeding():
     assert abs(kept - 0.9) < 0.003 and np.allclose(a[a > 0], 1 / 0.9)
     assert np.array_equal(g, 3 * a)  # the backward pass regenerates the forward mask
     assert np.array_equal(a, b) and not np.array_equal(b, c)
+
+
+def test_token_keyed_attention_dropout_is_the_same_padded_and_packed():
+    """Inside token_keys, attention's dropout follows (example, head, query position, key
+    position): the padded batch and its packed real tokens drop the same probabilities."""
+    rng = np.random.default_rng(9)
+    B, T, H, D, p = 3, 90, 2, 8, 0.3
+    mask = masks(B, T)["right"]
+    x = jt.array(rng.normal(size=(B, T, 3 * H * D)).astype(np.float32))
+    seed = jt.array(np.array([321, 54], np.int32))
+    rows = np.flatnonzero(mask.reshape(-1))
+    w = jt.array(rng.normal(size=(len(rows), H * D)).astype(np.float32))
+    w_padded = jt.array(np.zeros((B * T, H * D), np.float32))
+    w_padded[jt.array(rows.astype(np.int32))] = w
+    xr = x.reshape(B * T, -1)[jt.array(rows.astype(np.int32))]
+    with K.token_keys([5, 9, 2], mask):
+        padded = K._PaddedAttention()(x, jt.array(mask), seed, H, p).reshape(B * T, -1)
+        packed = K._PackedAttention()(xr, K.PackedRows(mask.sum(1)), seed, H, p)
+    flat = K._PackedAttention()(xr, K.PackedRows(mask.sum(1)), seed, H, p).numpy()
+    d = rel_err(packed.numpy(), padded.numpy()[rows])
+    g_padded = jt.grad((padded * w_padded).sum(), x).numpy().reshape(B * T, -1)[rows]
+    d_grad = rel_err(jt.grad((packed * w).sum(), xr).numpy(), g_padded)
+    d_flat = rel_err(flat, padded.numpy()[rows])
+    print(f"\nkeyed attention dropout p={p}: packed vs padded: forward {d:.1e}, d qkv {d_grad:.1e}; "
+          f"unkeyed packed differs by {d_flat:.1e}")
+    assert d < 1e-6 and d_grad < 1e-5 and d_flat > 1e-2
+
+
+def test_token_keyed_dropout_does_not_depend_on_the_batch():
+    """A LoRA GPT with every dropout on (embeddings, attention, residuals, LoRA input): a batch
+    of 4 examples and the same examples as two micro-batches (other widths, other positions
+    in the batch) give the same summed loss and LoRA gradients when each forward runs inside
+    token_keys with the same seed; without the keys they do not."""
+    import runtime
+    from GPT2_jittor import GPT, GPTConfig
+    from LoRA import LoRAConfig
+    from lora_models import LoRAGPT
+    rng = np.random.default_rng(10)
+    jt.set_global_seed(0)
+    model = runtime.prepare(LoRAGPT(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=300)),
+                                    LoRAConfig(r=4, dropout=0.1)), fused=True)
+    for p in model.trainable_parameters():
+        p.update(jt.array(rng.normal(0, 0.2, p.shape).astype(np.float32)))
+    model.train()
+    jt.sync_all()  # the random init runs now, not inside the first forward (it would draw after set_seed)
+    lengths = [40, 25, 33, 12]
+    ids = rng.integers(0, 300, (4, 40)).astype(np.int32)
+    targets = np.full((4, 40), -100, np.int32)
+    for b, n in enumerate(lengths):
+        targets[b, n - 6:n] = rng.integers(0, 300, 6)  # the last 6 tokens of each example are supervised
+    params = model.trainable_parameters()
+
+    def loss_sum_and_grads(groups, keyed):
+        total, grads = 0.0, None
+        for g in groups:
+            T = max(lengths[b] for b in g)
+            mask = np.array([[1] * lengths[b] + [0] * (T - lengths[b]) for b in g], np.int32)
+            jt.set_seed(77)
+            with K.token_keys(g, mask) if keyed else nullcontext():
+                _, loss = model(jt.array(ids[g, :T]), jt.array(targets[g, :T]), attention_mask=jt.array(mask))
+            loss = loss * float((targets[g, :T] != -100).sum())
+            gs = jt.grad(loss, params)
+            total += loss.item()
+            grads = [x.numpy() for x in gs] if grads is None else [a + x.numpy() for a, x in zip(grads, gs)]
+        return total, grads
+
+    one, two = loss_sum_and_grads([[0, 1, 2, 3]], True), loss_sum_and_grads([[2, 0], [3, 1]], True)
+    d_loss = abs(one[0] - two[0]) / abs(one[0])
+    d_grad = max(rel_err(a, b) for a, b in zip(two[1], one[1]))
+    unkeyed = loss_sum_and_grads([[2, 0], [3, 1]], False)
+    d_unkeyed = abs(one[0] - unkeyed[0]) / abs(one[0])
+    d_unkeyed_grad = max(rel_err(a, b) for a, b in zip(unkeyed[1], one[1]))
+    print(f"\ntoken-keyed dropout, batch of 4 vs 2 + 2: summed loss {d_loss:.1e}, LoRA gradients {d_grad:.1e}; "
+          f"flat (unkeyed) masks: summed loss {d_unkeyed:.1e}, LoRA gradients {d_unkeyed_grad:.1e}")
+    # float32 sums in another order: ~2e-6 for the gradients with every dropout off, ~3e-5 with
+    # them on (measured); masks that differ move the gradients by far more (the unkeyed line)
+    assert d_loss < 1e-6 and d_grad < 1e-4
+    assert d_unkeyed > 1e-4 and d_unkeyed_grad > 1e-2
 
 
 def test_kv_cache_attend_equals_tuple_cache():
