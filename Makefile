@@ -13,18 +13,24 @@ demo: setup
 test: test-setup
 	$(BIN)/python -m pytest
 
-setup: $(VENV)/.runtime-installed
-test-setup: $(VENV)/.test-installed
+setup: system-deps $(VENV)/.runtime-installed
+test-setup: system-deps $(VENV)/.test-installed
 
-# Debian's oneDNN: Jittor's own oneDNN download is unreachable offline (see jittor_env.py).
-# Without root or apt, Jittor still works, on slower matmul kernels, and says so.
+# Debian packages: oneDNN, as Jittor's own oneDNN download is unreachable offline (see
+# jittor_env.py), and OpenMPI (mpirun, and mpicc, with which Jittor compiles its MPI
+# operators) for training in several processes (README: MPI). Without root or apt,
+# Jittor still works, on slower matmul kernels and in one process, and says so.
 system-deps:
-	@if [ ! -e /usr/include/dnnl.h ]; then \
+	@missing=""; \
+	[ -e /usr/include/dnnl.h ] || missing="$$missing libdnnl-dev"; \
+	{ command -v mpirun && command -v mpicc; } >/dev/null || missing="$$missing openmpi-bin libopenmpi-dev"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing libdnnl-dev (oneDNN for Jittor's CPU matmuls)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdnnl-dev >/dev/null; \
+	    echo "installing$$missing (oneDNN for Jittor's CPU matmuls, OpenMPI for mpirun)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "warning: oneDNN missing and apt-get unavailable: run 'sudo apt-get install libdnnl-dev' for fast CPU matmuls"; \
+	    echo "warning: missing$$missing (not root, or no apt-get): run 'sudo apt-get install$$missing'" \
+	         "(oneDNN: fast CPU matmuls; OpenMPI: training in several processes and its tests)"; \
 	  fi; \
 	fi
 
@@ -32,12 +38,10 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.runtime-installed: requirements.txt | $(VENV)/bin/python
-	@$(MAKE) --no-print-directory system-deps
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
 $(VENV)/.test-installed: requirements.txt requirements-test.txt | $(VENV)/bin/python
-	@$(MAKE) --no-print-directory system-deps
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@ $(VENV)/.runtime-installed
 
