@@ -6,6 +6,7 @@ PEFT on PyTorch, on the same machine, the same weights and the same batches.
     python benchmark.py generate --framework jittor       # greedy answers with the KV cache
     python benchmark.py generate --framework torch
     python benchmark.py train --framework jittor --tiny --steps 2 --warmup 1   # smoke test
+    mpirun -np 2 python benchmark.py train --threads 1     # Jittor, 2 processes x batch 4
 
 Each run prints ONE JSON line on stdout (framework, config, tokens/s or answers/s, median
 and min/max of the step time, peak RSS, steps, warm-up time, FLOP accounting) and a short
@@ -30,6 +31,11 @@ Same work on both sides:
   sides). Prompt processing is included in the time.
 
 The torch side runs as a user would run it: default threads, default attention (sdpa).
+
+Under mpirun (Jittor only) --batch-size is per process: each takes its share of every
+global batch of batch size x processes examples (gpt2_lora_dataset.rank_share), as
+train_default_lora.py does; the LoRA gradients are summed once per step (distributed.py),
+and that all-reduce is timed on its own. Rank 0 reports the global batch's tokens.
 """
 import argparse
 import hashlib
@@ -115,15 +121,23 @@ def default_data(task):
     return path if path.is_file() else SAMPLE_DATA
 
 
-def train_batches(args, n):
-    from gpt2_lora_dataset import batches, collate, encode_dataset, read_squad
+def train_batches(args, n, rank=0, world_size=1):
+    """n steps of (this process's collated batch, the step's real tokens, padded tokens):
+    with several processes, rank's share of each global batch of batch_size x world_size."""
+    from gpt2_lora_dataset import batches, collate, encode_dataset, rank_share, read_squad
     from model_utils import load_tokenizer
     examples, _ = read_squad(args.data, skip_bad=True)
     features, _ = encode_dataset(load_tokenizer(), examples, max_length=args.max_length)
-    groups = batches(features, args.batch_size, seed=args.seed, epoch=0, drop_last=True)
+    groups = batches(features, args.batch_size * world_size, seed=args.seed, epoch=0, drop_last=True)
     if len(groups) < n:
         groups = (groups * (n // max(1, len(groups)) + 1))  # a small file: go round again
-    return [collate([features[i] for i in g]) for g in groups[:n]]
+    steps = []
+    for g in groups[:n]:
+        shares = [rank_share(g, world_size, r, 1)[0] for r in range(world_size)]
+        lengths = [[len(features[i].input_ids) for i in share] for share in shares]
+        steps.append((collate([features[i] for i in shares[rank]]), sum(map(sum, lengths)),
+                      sum(len(n) * max(n) for n in lengths)))
+    return steps
 
 
 def generation_batches(args):
@@ -220,18 +234,31 @@ def jittor_setup(args):
 
 
 def jittor_train(args, data):
+    """Like train_default_lora.optimizer_step: this process's batch, the gradients summed over
+    the processes once (timed separately, after the backward pass has run), one AdamW step."""
     jt, model, gflops = jittor_setup(args)
+    import distributed
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     model.train()
-    times, losses = [], []
-    for b in data:
+    times, losses, reduce_times = [], [], []
+    for b, _, _ in data:
+        n = int((b["targets"] != IGNORE_INDEX).sum())
+        n_total = distributed.sum_over_ranks([n])[0]  # before the clock: the data of the step
         t = time.perf_counter()
-        _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
-        opt.step(loss)
-        losses.append(loss.item())  # waits for the whole step
+        with distributed.no_sync():
+            _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
+            opt.backward(loss * (n / n_total))
+        jt.sync_all()
+        t_reduce = time.perf_counter()
+        loss_sum, = distributed.all_reduce_grads(opt, [loss.item() * n])
+        jt.sync_all()
+        reduce_times.append(time.perf_counter() - t_reduce)
+        opt.step()
         jt.sync_all()
         times.append(time.perf_counter() - t)
-    return times, {"matmul_gflops": gflops, "losses": losses}
+        losses.append(loss_sum / n_total)
+    return times, {"matmul_gflops": gflops, "losses": losses, "allreduce_times": reduce_times,
+                   "processes": distributed.world_size}
 
 
 def jittor_generate(args, data):
@@ -266,7 +293,7 @@ def torch_train(args, data):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
     model.train()
     times, losses = [], []
-    for b in data:
+    for b, _, _ in data:
         labels = np.full(b["targets"].shape, IGNORE_INDEX, dtype=np.int64)
         labels[:, 1:] = b["targets"][:, :-1]  # HF shifts inside: labels[t] is predicted at t - 1
         t = time.perf_counter()
@@ -311,16 +338,17 @@ def stats(times):
             "iqr_s": [float(np.percentile(t, 25)), float(np.percentile(t, 75))]}
 
 
-def run_train(args):
+def run_train(args, rank=0, world_size=1):
     cfg = MODELS[args.model]
-    data = train_batches(args, args.warmup + args.steps)
+    data = train_batches(args, args.warmup + args.steps, rank, world_size)
     times, extra = RUNNERS[("train", args.framework)](args, data)
     warm, measured = times[:args.warmup], times[args.warmup:]
-    batches = data[args.warmup:]
-    tokens = np.array([int(b["attention_mask"].sum()) for b in batches])
-    padded = np.array([b["attention_mask"].size for b in batches])
+    steps = data[args.warmup:]
+    tokens = np.array([real for _, real, _ in steps])  # of the global batch: every process's share
+    padded = np.array([pad for _, _, pad in steps])
     rates = tokens / np.asarray(measured)
-    flops = np.array([train_flops(b, cfg, LORA["r"]) for b in batches])
+    # this process's FLOPs; its share of the global batch's work runs in the same time
+    flops = np.array([train_flops(b, cfg, LORA["r"]) for b, _, _ in steps])
     achieved = float(np.median(flops / np.asarray(measured))) / 1e9
     return {
         "tokens_per_s": float(np.median(rates)),               # median over steps of real tokens / step time
@@ -333,6 +361,9 @@ def run_train(args):
         "matmul_gflops": extra["matmul_gflops"],
         "fraction_of_matmul_limit": achieved / extra["matmul_gflops"],
         **({"attn_implementation": extra["attn_implementation"]} if "attn_implementation" in extra else {}),
+        **({"processes": extra["processes"], "allreduce": stats(extra["allreduce_times"][args.warmup:]),
+            "allreduce_fraction": float(np.sum(extra["allreduce_times"][args.warmup:]) / np.sum(measured))}
+           if "allreduce_times" in extra else {}),
     }
 
 
@@ -362,6 +393,10 @@ def print_table(r):
     rows = [("framework", r["framework"]), ("task", r["task"]), ("model", r["config"]["model"])]
     if r["task"] == "train":
         s = r["step"]
+        if "processes" in r:
+            rows += [("processes x batch", f"{r['processes']} x {r['config']['batch_size']}"),
+                     ("all-reduce median / share of the time",
+                      f"{1000 * r['allreduce']['median_s']:.1f} ms / {100 * r['allreduce_fraction']:.1f}%")]
         rows += [("tokens/s (median)", f"{r['tokens_per_s']:.1f}"),
                  ("step time median [min, max]", f"{s['median_s']:.2f} s [{s['min_s']:.2f}, {s['max_s']:.2f}]"),
                  ("real / padded tokens per step", f"{r['real_tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f}")]
@@ -375,6 +410,12 @@ def print_table(r):
              ("peak RSS", f"{r['peak_rss_mb']:.0f} MB")]
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), file=sys.stderr)
+
+
+def mpi_rank_and_size():
+    """(rank, processes) under mpirun, read from OpenMPI's environment: Jittor is imported
+    later (after the thread settings), and not at all for --framework torch."""
+    return int(os.environ.get("OMPI_COMM_WORLD_RANK", 0)), int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
 
 
 def main(argv=None):
@@ -410,9 +451,15 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (2 if args.task == "train" else 1)
     args.max_length = args.max_length or (128 if args.tiny else 384)
     args.data = args.data or default_data(args.task)
-    result = run_train(args) if args.task == "train" else run_generate(args)
+    rank, world_size = mpi_rank_and_size()
+    if world_size > 1 and (args.task != "train" or args.framework != "jittor"):
+        p.error("under mpirun only `train --framework jittor` runs (Jittor's MPI)")
+    result = run_train(args, rank, world_size) if args.task == "train" else run_generate(args)
+    if rank:
+        return  # rank 0 reports
     config = {"model": args.model, **MODELS[args.model], "lora": LORA, "lr": LR, "weight_decay": WEIGHT_DECAY,
-              "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
+              "batch_size": args.batch_size, "processes": world_size, "max_length": args.max_length,
+              "threads": args.threads,
               "data": str(args.data), "seed": args.seed}
     if args.task == "train":
         config["steps"], config["warmup"] = args.steps, args.warmup

@@ -114,7 +114,7 @@ class Run:
     global_batch: int         # examples per optimizer step: batch_size x grad_accum x processes
     step: int = 0             # optimizer steps done
     epoch: int = 0            # the epoch the next step is in (0-based)
-    examples: int = 0         # examples of that epoch done
+    batches: int = 0          # global batches of that epoch done
 
 
 def prepare(cfg, resume):
@@ -152,17 +152,17 @@ def restore(run, resume):
     ckpt = latest_checkpoint(run.out) if resume else None
     if ckpt is not None:  # every rank loads the same checkpoint
         state = load_checkpoint(ckpt, run.model, run.opt)
-        if "examples" not in state:
+        if "global_batch" not in state:
             raise ValueError(f"{ckpt}: written by an older version of this script, whose batch order "
                              f"this version does not reproduce; start a new run")
-        # The data position counts examples of the epoch; the epoch's global batches are the
-        # same only for the same global batch (any split of it into micro-batches and processes).
+        # The data position counts global batches of the epoch; the epoch's global batches are
+        # the same only for the same global batch size (split any way into micro-batches and processes).
         if state["global_batch"] != run.global_batch:
             raise SystemExit(f"{ckpt}: the run trained with a global batch of {state['global_batch']} examples "
                              f"and this one has {run.global_batch} (--batch-size {run.cfg.batch_size} x --grad-accum "
                              f"{run.cfg.grad_accum} x {distributed.world_size} process(es)); resume with the same "
                              f"global batch, split any way")
-        run.step, run.epoch, run.examples = state["step"], state["epoch"], state["examples"]
+        run.step, run.epoch, run.batches = state["step"], state["epoch"], state["batches"]
         log(f"resumed from {ckpt} (step {run.step}, epoch {run.epoch + 1})")
     if not distributed.is_main:
         return
@@ -272,7 +272,7 @@ def train_loop(run, stop_after=None, progress=True):
             if order_epoch != run.epoch:
                 order, order_epoch = batches(data.train_features, run.global_batch, cfg.seed, run.epoch,
                                              bucket=cfg.bucket), run.epoch
-            batch = order[run.examples // run.global_batch]
+            batch = order[run.batches]
 
             # --- learning rate
             lr = run.opt.lr = learning_rate(run.step, cfg, run.total)
@@ -280,7 +280,7 @@ def train_loop(run, stop_after=None, progress=True):
             # --- forward / backward, one AdamW step
             t0 = time.time()
             loss, n_tok = optimizer_step(run, batch)
-            run.step, run.examples = run.step + 1, run.examples + len(batch)
+            run.step, run.batches = run.step + 1, run.batches + 1
 
             # --- log (tokens: real tokens of the global batch)
             dt, tokens_seen = time.time() - t0, tokens_seen + n_tok
@@ -299,10 +299,10 @@ def train_loop(run, stop_after=None, progress=True):
                 if main:
                     append_line(out / "val_loss.txt", f"{run.step}\t{val:.6f}")
                 log(f"step {run.step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
-            if run.examples >= len(data.train_features):  # end of the epoch
-                run.epoch, run.examples = run.epoch + 1, 0
+            if run.batches >= len(order):  # end of the epoch
+                run.epoch, run.batches = run.epoch + 1, 0
             if main and (run.step % cfg.save_interval == 0 or run.step == run.total):
-                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "examples": run.examples,
+                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "batches": run.batches,
                                                       "global_batch": run.global_batch})
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if stop_after is not None and run.step >= stop_after:

@@ -5,7 +5,9 @@ adapter_config.json) and what else a resumed run needs:
     trainer_state.safetensors   param/<name>, exp_avg/<name>, exp_avg_sq/<name>: the LoRA
                                 weights and AdamW's two moments, for every adapter tensor
     trainer_state.json          {"step": optimizer steps done, "epoch": the epoch the next
-                                step is in (0-based), "micro": micro-batches of it done}
+                                step is in (0-based), "batches": global batches of it done,
+                                "global_batch": examples per step (batch size x grad accum
+                                x processes; a resumed run must have the same)}
 It is written into a temporary folder and renamed into place, so a crash never leaves a half
 checkpoint. The logs are append-only lines (step<TAB>loss, or JSON with a "step"); a resumed
 run cuts them back to its checkpoint's step before it goes on.
