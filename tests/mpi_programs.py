@@ -2,6 +2,8 @@
 
 helpers        checks distributed.py's functions on every rank, then tests the barrier timeout
                (rank 1 does not come; rank 0 must exit after 2 s and mpirun stop the job)
+rank-1-raises  rank 1 raises while rank 0 waits in an all-reduce: run_main must end rank 1 so
+               that mpirun stops rank 0 (a plain exit hangs in MPI_Finalize)
 train-and-die  train_default_lora.py with the arguments that follow; rank 1 is killed
                (SIGKILL, as the kernel's OOM killer would) when step $DIE_AT_STEP begins
 """
@@ -86,6 +88,13 @@ def helpers():
     print(f"rank {r}: passed the barrier", flush=True)  # must not happen
 
 
+def rank_1_raises():
+    if distributed.rank == 1:
+        raise RuntimeError("rank 1 fails")
+    distributed.sum_over_ranks([1.0])
+    print("rank 0: the all-reduce returned", flush=True)  # must not happen
+
+
 def train_and_die(argv):
     import train_default_lora as T
     die_at, step = int(os.environ["DIE_AT_STEP"]), T.optimizer_step
@@ -103,6 +112,8 @@ def train_and_die(argv):
 if __name__ == "__main__":
     if sys.argv[1] == "helpers":
         distributed.run_main(helpers)
+    elif sys.argv[1] == "rank-1-raises":
+        distributed.run_main(rank_1_raises)
     elif sys.argv[1] == "train-and-die":
         train_and_die(sys.argv[2:])
     else:

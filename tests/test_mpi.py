@@ -194,6 +194,17 @@ def test_distributed_helpers_and_the_barrier_timeout():
     assert r.elapsed < 100
 
 
+@needs_mpi
+def test_an_error_on_one_rank_stops_the_job():
+    """Rank 1 raises while rank 0 waits for it in an all-reduce (measured: with a plain
+    interpreter exit instead of run_main, the job hangs until killed)."""
+    r = mpirun(["tests/mpi_programs.py", "rank-1-raises"], check=False, timeout=300)
+    print(f"\nrank 1 raised: mpirun exited with status {r.returncode} after {r.elapsed:.0f} s; "
+          f"{[line for line in r.stderr.splitlines() if 'rank 1 fails' in line]}")
+    assert r.returncode != 0 and "[rank 1/2] Traceback" in r.stderr and "RuntimeError: rank 1 fails" in r.stderr
+    assert "the all-reduce returned" not in r.stdout and r.elapsed < 120
+
+
 def test_mpirun_without_jittor_mpi_says_how_to_enable_it():
     """Started by mpirun (its environment variable) where Jittor cannot build its MPI ops."""
     env = {**os.environ, "OMPI_COMM_WORLD_SIZE": "2", "use_mpi": "0"}
