@@ -192,14 +192,58 @@ def test_dropout_kernel_rate_scale_gradient_and_seeding():
     assert np.array_equal(a, b) and not np.array_equal(b, c)
 
 
+def hash32(s0, s1, i):
+    """csrc/common.h's hash32 in NumPy (uint32 arithmetic wraps, as in C++)."""
+    z = (np.asarray(i, np.uint32) * np.uint32(0x9E3779B9) + np.asarray(s0, np.uint32)) ^ np.asarray(s1, np.uint32)
+    z ^= z >> np.uint32(16)
+    z *= np.uint32(0x85EBCA6B)
+    z ^= z >> np.uint32(13)
+    z *= np.uint32(0xC2B2AE35)
+    return z ^ (z >> np.uint32(16))
+
+
+def keyed_attention_keep(seed, p, example_ids, B, H, T):
+    """The keyed attention dropout's keep mask / (1 - p), (B, H, T, T), written out from its
+    definition: query (b, h, i) hashes key position j under the seed mixed with the query
+    token's key (example_ids[b] << 12) + i, then with h."""
+    s0, s1 = np.uint32(seed[0]), np.uint32(int(seed[1]) * 0x01000193 & 0xFFFFFFFF)
+    t = np.uint32(min(4294967295.0, p * 4294967296.0))
+    token = (np.asarray(example_ids, np.uint32)[:, None] << np.uint32(12)) + np.arange(T, dtype=np.uint32)  # (B, T)
+    per_query = hash32(hash32(s0, s1, token)[:, None, :], s1, np.arange(H, dtype=np.uint32)[None, :, None])
+    kept = hash32(per_query[..., None], s1, np.arange(T, dtype=np.uint32)) >= t  # (B, H, T, T)
+    return kept.astype(np.float32) / np.float32(1 - p)
+
+
+def test_token_keyed_dropout_written_out():
+    """Inside token_keys, the packed real tokens' dropout (a row per token) is, exactly, row r
+    hashing its columns under the seed mixed with its token's key (example << 12) + position."""
+    mask = np.arange(300)[None, :] < np.array([[300], [120], [7]])
+    ids = [3, 70000, 11]
+    x = jt.ones((int(mask.sum()), 96), "float32")
+    op = K._Dropout()
+    with K.token_keys(ids, mask):
+        y = op(x, 0.1).numpy()
+    s0, s1 = np.uint32(op.seed.numpy()[0]), np.uint32(int(op.seed.numpy()[1]) * 0x01000193 & 0xFFFFFFFF)
+    b, pos = np.nonzero(mask)
+    token = (np.asarray(ids, np.uint32)[b] << np.uint32(12)) + pos.astype(np.uint32)
+    kept = hash32(hash32(s0, s1, token)[:, None], s1, np.arange(96, dtype=np.uint32)) >= np.uint32(0.1 * 2 ** 32)
+    print(f"\nkeyed dropout p=0.1 on {x.shape[0]} tokens: kept {kept.mean():.4f}; "
+          f"elements unlike the written-out mask: {int(((y > 0) != kept).sum())}")
+    assert np.array_equal(y > 0, kept) and np.allclose(y[kept], 1 / 0.9)
+    assert abs(kept.mean() - 0.9) < 0.005
+
+
 def test_token_keyed_attention_dropout_is_the_same_padded_and_packed():
     """Inside token_keys, attention's dropout follows (example, head, query position, key
-    position): the padded batch and its packed real tokens drop the same probabilities."""
+    position), exactly as keyed_attention_keep writes it out: the padded batch and its packed
+    real tokens drop the same probabilities."""
     rng = np.random.default_rng(9)
     B, T, H, D, p = 3, 90, 2, 8, 0.3
     mask = masks(B, T)["right"]
     x = jt.array(rng.normal(size=(B, T, 3 * H * D)).astype(np.float32))
     seed = jt.array(np.array([321, 54], np.int32))
+    ref = plain_attention(x, jt.array(mask), H, keep=jt.array(keyed_attention_keep([321, 54], p, [5, 9, 2], B, H, T)))
+    ref = ref.numpy().reshape(B * T, -1)
     rows = np.flatnonzero(mask.reshape(-1))
     w = jt.array(rng.normal(size=(len(rows), H * D)).astype(np.float32))
     w_padded = jt.array(np.zeros((B * T, H * D), np.float32))
@@ -213,9 +257,10 @@ def test_token_keyed_attention_dropout_is_the_same_padded_and_packed():
     g_padded = jt.grad((padded * w_padded).sum(), x).numpy().reshape(B * T, -1)[rows]
     d_grad = rel_err(jt.grad((packed * w).sum(), xr).numpy(), g_padded)
     d_flat = rel_err(flat, padded.numpy()[rows])
-    print(f"\nkeyed attention dropout p={p}: packed vs padded: forward {d:.1e}, d qkv {d_grad:.1e}; "
-          f"unkeyed packed differs by {d_flat:.1e}")
-    assert d < 1e-6 and d_grad < 1e-5 and d_flat > 1e-2
+    d_ref = rel_err(padded.numpy()[rows], ref[rows])
+    print(f"\nkeyed attention dropout p={p}: padded vs the mask written out {d_ref:.1e}; packed vs padded: "
+          f"forward {d:.1e}, d qkv {d_grad:.1e}; unkeyed packed differs by {d_flat:.1e}")
+    assert d_ref < 1e-6 and d < 1e-6 and d_grad < 1e-5 and d_flat > 1e-2
 
 
 def test_token_keyed_dropout_does_not_depend_on_the_batch():
