@@ -122,7 +122,7 @@ def writing(path):
 
 class StopAt:
     def __init__(self, spec):
-        self.step, self.target, self.signum = None, None, signal.SIGKILL
+        self.step, self.target, self.signum = 0, None, signal.SIGKILL
         if spec:
             m = re.fullmatch(r"([\w:.]+)@(\d+)(?::(SIG[A-Z]+))?", spec)
             if not m or m[1] not in STOP_POINTS or not hasattr(signal, m[3] or "SIGKILL"):
@@ -131,13 +131,13 @@ class StopAt:
             self.target, self.signum = (m[1], int(m[2])), getattr(signal, m[3] or "SIGKILL")
 
     def __call__(self, point, step=None, before=None):
-        """At `point`; `step` updates the current step; `before()` runs just before the signal."""
+        """At `point`; `step` updates the current step; `before()` runs just before a SIGKILL."""
         if step is not None:
             self.step = step
         if self.target != (point, self.step):
             return
         self.target = None  # once per process
-        if before is not None:
+        if before is not None and self.signum == signal.SIGKILL:  # a process that goes on must not tear its line
             before()
         print(f"TRAIN_STOP_AT: {signal.Signals(self.signum).name} at {point}, step {self.step}",
               file=sys.stderr, flush=True)

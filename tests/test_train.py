@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import train_default_lora
+from helpers import write_sample_split
 from gpt2_lora_dataset import batches, encode_dataset, load_squad_json, read_squad
 from model_utils import evaluate_squad, load_tokenizer
 from test_generation import subset_dataset
@@ -23,11 +24,7 @@ TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
 @pytest.fixture(scope="module")
 def split_files(tmp_path_factory):
     """The project's sample file split by article into a train and a held-out file."""
-    d = tmp_path_factory.mktemp("data")
-    raw = json.loads((ROOT / "data" / "squad_sample.json").read_text())
-    for name, articles in (("train", raw["data"][:4]), ("eval", raw["data"][4:])):
-        (d / f"{name}.json").write_text(json.dumps({"version": "1.1", "data": articles}))
-    return d / "train.json", d / "eval.json"
+    return write_sample_split(tmp_path_factory.mktemp("data"))
 
 
 def tiny_cfg(split_files, out, **kw):
