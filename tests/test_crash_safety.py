@@ -68,11 +68,11 @@ def schedule(seed):
     inside = ("checkpoint:adapter", "checkpoint:state", "checkpoint:manifest")
     return [
         ("base_model", 0, "SIGKILL"),                                  # the random base half written
-        (rng.choice(inside + ("checkpoint:renamed",)), 2, "SIGKILL"),   # the very first checkpoint
+        (rng.choice(inside), 2, "SIGKILL"),          # the very first checkpoint: back to step 0, base kept
         (rng.choice(("log:train_loss.txt", "log:metrics.jsonl")), 3, "SIGKILL"),  # a torn line
         ("step", 5, "SIGINT"),                                          # Ctrl-C between two saves
         ("restored", None, "SIGKILL"),                                  # right after a resume
-        (rng.choice(inside + ("checkpoint:renamed", "log:val_loss.txt")), 6, "SIGKILL"),
+        (rng.choice(("checkpoint:renamed", "log:val_loss.txt") + inside), 6, "SIGKILL"),
         (rng.choice(("step", "log:train_loss.txt", "log:metrics.jsonl")), 7, "SIGTERM"),
         (rng.choice(inside), 8, "SIGKILL"),                             # the final checkpoint
         ("prune", 8, "SIGKILL"),
