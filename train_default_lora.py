@@ -84,7 +84,7 @@ def parse_shape(text):
         try:
             shape[key] = known[key](value)
         except ValueError:
-            raise UsageError(f"--random-base: {item!r}: {value!r} is not a {known[key].__name__}") from None
+            raise UsageError(f"--random-base: {item!r}: {value!r} is not of type {known[key].__name__}") from None
     try:
         GPTConfig.from_hf_config(shape, source="--random-base")  # the same checks as a config.json
     except ValueError as e:
@@ -376,6 +376,8 @@ def train(cfg, resume=False, stop_after=None, progress=True):
     """Run training; returns the output folder. stop_after=N stops after optimizer step N
     as if interrupted (used by the resume tests)."""
     check(cfg)
+    if cfg.random_base:
+        parse_shape(cfg.random_base)  # a bad shape is a usage error, found before anything is written
     out = Path(cfg.output_dir)
     if resume and not (out / "config.json").is_file():
         raise UsageError(f"{out}: nothing to resume (no config.json of a run there); leave out --resume to start one")
