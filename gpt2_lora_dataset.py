@@ -79,6 +79,13 @@ def load_squad_json(path):
     return obj["data"]
 
 
+def _shown(value, n=80):
+    """A file's value inside a one-line error message: short, with line breaks, control
+    characters and lone surrogates escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode()
+                   for c in str(value)[:n])
+
+
 def _is_text(s):
     """A str the tokenizer can take: encodable as UTF-8 (JSON's \\ud800 escapes give lone surrogates)."""
     try:
@@ -116,7 +123,7 @@ def _check_question(qa, context, seen_ids):
         if not _is_text(a["text"]):
             return "an answer is not valid Unicode (a lone surrogate)"
         if a["text"] not in context:
-            return f"answer {a['text']!r} not found in its context"
+            return f"answer {_shown(repr(a['text']))} not found in its context"
         texts.append(a["text"])
     # Real SQuAD files have a few shifted answer_start values; the text is what counts, so
     # fall back to its first occurrence in the context.
@@ -141,14 +148,14 @@ def read_squad(path, skip_bad=False):
         for j, para in enumerate(article["paragraphs"]):
             if not isinstance(para, dict) or not isinstance(para.get("context"), str) \
                     or not isinstance(para.get("qas"), list):
-                raise SquadFormatError(f"{path}: article '{title:.80}', paragraph {j} lacks 'context' or a 'qas' list")
+                raise SquadFormatError(f"{path}: article '{_shown(title)}', paragraph {j} lacks 'context' or a 'qas' list")
             context = para["context"]
             for k, qa in enumerate(para["qas"]):
                 checked = _check_question(qa, context, seen_ids) if isinstance(qa, dict) else "not an object"
                 if isinstance(checked, str):
                     qid = qa.get("id", f"#{k} of paragraph {j}") if isinstance(qa, dict) else f"#{k} of paragraph {j}"
                     if not skip_bad:
-                        raise SquadFormatError(f"{path}: article '{title:.80}', question {str(qid):.80}: {checked}")
+                        raise SquadFormatError(f"{path}: article '{_shown(title)}', question {_shown(qid)}: {checked}")
                     n_skipped += 1
                     continue
                 qid, question, texts, start = checked
@@ -308,6 +315,8 @@ def encode_example(tokenizer, ex, max_length=512, loss_on="answer"):
 
 def encode_dataset(tokenizer, examples, max_length=512, loss_on="answer"):
     """(features, n_truncated). Tokenizes in batches and each paragraph once (SQuAD has ~5 questions each)."""
+    if not examples:
+        return [], 0  # the tokenizer fails on an empty batch
     contexts = list(dict.fromkeys(ex.context for ex in examples))
     encoded = dict(zip(contexts, _encode_contexts(tokenizer, contexts)))
     head = _ids(tokenizer, [PROMPT_HEAD])[0]

@@ -226,8 +226,8 @@ class LoRAGPT(nn.Module):
     @classmethod
     def from_pretrained(cls, base, adapter_dir, dropout=None):
         """Base GPT-2 (a folder or a GPT) + an adapter folder saved by PEFT or by us."""
+        config = read_adapter_config(Path(adapter_dir))  # the cheap checks first
         base_model = base if isinstance(base, GPT) else GPT.from_pretrained(base)
-        config = read_adapter_config(Path(adapter_dir))
         # Every adapter's rank in the config must be the rank of its tensors before anything is
         # built, so no config can make the model larger than the weight file (load_lora_weights
         # then checks every key and shape).
