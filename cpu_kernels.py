@@ -78,10 +78,14 @@ def _code(shapes, dtypes, inputs, header, src, data=None):
 
 
 def _seed():
-    """2 x 24 random bits from Jittor's generator (so jt.set_seed makes dropout repeatable),
-    drawn now: Jittor's random ops draw when the graph runs, in an order that can change
-    with the batch's shapes, and token_keys() needs each call's seed fixed by call order."""
-    return jt.array(jt.randint(0, 1 << 24, (2,), "int32").numpy())
+    """Two 24-bit seed words for one dropout call: 2 x 24 random bits from Jittor's generator
+    (so jt.set_seed makes dropout repeatable); inside token_keys(), from its seed and the
+    call's number in the block instead (see there)."""
+    if _keys is not None:
+        _keys.calls += 1
+        words = np.random.SeedSequence((_keys.seed, _keys.calls)).generate_state(2) >> np.uint32(8)
+        return jt.array(words.astype(np.int32))
+    return jt.randint(0, 1 << 24, (2,), "int32")
 
 
 def _no_seed():
@@ -97,11 +101,18 @@ def _no_seed():
 # query rows of a PackedRows made inside the block) is dropped row by row: row r hashes its
 # columns under the call's seed mixed with its token's key (example id << 12) + position,
 # and attention probabilities under (the query token's key, head) with the key positions as
-# columns. With the same seeds (jt.set_seed before each forward), a global batch split into
-# any micro-batches and processes draws the same masks. The kernels find a call's row keys
-# by its number of rows, which tells the layouts of one batch apart.
+# columns. The call's seed words come from the block's seed and the call's number (the k-th
+# dropout of a forward is the same layer in every forward), not from Jittor's generator,
+# whose random ops draw when the graph runs, in an order set by the graph: so a global
+# batch split into any micro-batches and processes draws the same masks. The kernels find
+# a call's row keys by its number of rows, which tells the layouts of one batch apart.
 
-_keys = None  # {rows: int32 Var of the row keys} inside token_keys(), else None
+class _TokenKeys:
+    def __init__(self, seed):
+        self.seed, self.calls, self.rows = seed, 0, {}  # rows -> int32 Var of the row keys
+
+
+_keys = None  # a _TokenKeys inside token_keys(), else None
 
 
 def _token_key_array(example_ids, positions):
@@ -110,18 +121,20 @@ def _token_key_array(example_ids, positions):
 
 
 @contextmanager
-def token_keys(example_ids, attention_mask):
-    """Key the dropout masks of the batch run inside this block by token (see above).
+def token_keys(example_ids, attention_mask, seed):
+    """Key the dropout masks of the one forward run inside this block by token (see above).
 
     example_ids: (B,) ints that name the batch's examples wherever they are trained (e.g.
-    their index in the training set); attention_mask: (B, T), 1 = real token, right-padded.
+    their index in the training set); attention_mask: (B, T), 1 = real token, right-padded;
+    seed: a non-negative int (e.g. from the training step), the same for every piece of a
+    batch that must draw as one.
     """
     global _keys
     mask = np.asarray(attention_mask) > 0
     B, T = mask.shape
     positions = np.broadcast_to(np.arange(T), (B, T))
     padded = _token_key_array(np.repeat(np.asarray(example_ids), T), positions.reshape(-1))
-    _keys = {}
+    _keys = _TokenKeys(seed)
     try:
         _register(B * T, padded)
         _register(int(mask.sum()), padded[mask.reshape(-1)])  # the real tokens, row-major (PackedRows)
@@ -131,19 +144,19 @@ def token_keys(example_ids, attention_mask):
 
 
 def _register(rows, keys):
-    old = _keys.get(rows)
+    old = _keys.rows.get(rows)
     if old is not None and not np.array_equal(old.numpy(), keys):
         raise RuntimeError(f"token_keys: two token layouts of {rows} rows; their dropout keys would be ambiguous")
-    _keys[rows] = jt.array(keys)
+    _keys.rows[rows] = jt.array(keys)
 
 
 def _row_keys(rows):
     """(int32 Var of the keys of `rows` token rows, 1.0) inside token_keys(), else (placeholder, 0.0)."""
     if _keys is None:
         return jt.zeros((1,), "int32"), 0.0
-    if rows not in _keys:
-        raise RuntimeError(f"token_keys: no token layout of {rows} rows in this batch (have {sorted(_keys)})")
-    return _keys[rows], 1.0
+    if rows not in _keys.rows:
+        raise RuntimeError(f"token_keys: no token layout of {rows} rows in this batch (have {sorted(_keys.rows)})")
+    return _keys.rows[rows], 1.0
 
 
 # ----------------------------------------------------------------------------

@@ -13,11 +13,12 @@ batch (gpt2_lora_dataset.rank_share). What this file adds to Jittor:
 - barrier(): only rank 0 writes files; the others wait here. A rank that waits longer than
   the timeout exits with status 1 (faulthandler's watchdog thread, which runs while MPI
   blocks the main thread), and mpirun then stops the others.
-- all_gather(): every rank's JSON-able object, on every rank (for the predictions).
-- run_main(): under mpirun an uncaught error ends the process at once with status 1
-  (os._exit), so that mpirun aborts the whole job. A normal interpreter exit would call
-  MPI_Finalize, which waits for the other ranks while they wait in their next all-reduce:
-  the job would hang instead of stopping.
+- all_gather(): every rank's JSON-able object, on every rank (for the predictions);
+  max_over_ranks(): e.g. a stop signal that reached any rank, so that all stop together.
+- run_main(): under mpirun an error (an exception, or a non-zero exit code from main) ends
+  the process at once (os._exit), so that mpirun aborts the whole job. A normal interpreter
+  exit would call MPI_Finalize, which waits for the other ranks while they wait in their
+  next all-reduce: the job would hang instead of stopping.
 
 Without mpirun this is rank 0 of 1, and every function here is the identity or does nothing.
 """
@@ -72,6 +73,15 @@ def sum_over_ranks(values):
     return jt.array(np.asarray(values, np.float64)).mpi_all_reduce("add").numpy().tolist()
 
 
+def max_over_ranks(value):
+    """The largest of one int per rank, on every rank."""
+    if world_size == 1:
+        return value
+    slots = np.zeros(world_size, np.int32)
+    slots[rank] = value
+    return int(jt.array(slots).mpi_all_reduce("add").numpy().max())
+
+
 def all_gather(obj):
     """[rank 0's obj, rank 1's obj, ...] on every rank; obj must be JSON-serialisable."""
     if world_size == 1:
@@ -112,19 +122,32 @@ def barrier(timeout=BARRIER_TIMEOUT_S):
         faulthandler.cancel_dump_traceback_later()
 
 
+def say(message):
+    """A line on stderr from any rank (under MPI prefixed with the rank): for errors, which
+    may happen on one rank only."""
+    prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+    print(prefix + message, file=sys.stderr, flush=True)
+
+
 def run_main(main):
-    """main() as a script's entry point; under mpirun an error ends this rank at once (exit
-    status 1, after its message) so that mpirun aborts the other ranks (see the module doc)."""
+    """main() as a script's entry point, returning its exit code; under mpirun an error (an
+    exception, or a non-zero exit code) ends this rank at once, so that mpirun aborts the
+    other ranks (see the module doc)."""
     if world_size == 1:
         return main()
     try:
-        return main()
+        code = main()
+        if not code:
+            return code
     except SystemExit as e:
         if e.code in (None, 0):
             raise
-        message = e.code if isinstance(e.code, str) else f"exit status {e.code}"
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int):
+            say(str(e.code))
     except BaseException:
-        message = traceback.format_exc().rstrip()
-    print(f"[rank {rank}/{world_size}] {message}", file=sys.stderr, flush=True)
+        code = 1
+        say(traceback.format_exc().rstrip())
     sys.stdout.flush()
-    os._exit(1)
+    sys.stderr.flush()
+    os._exit(code)

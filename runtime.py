@@ -101,10 +101,10 @@ def is_fused(model):
     return any(isinstance(m, GPT) and m.fused for m in model.modules())
 
 
-def dropout_keys(model, example_ids, attention_mask):
+def dropout_keys(model, example_ids, attention_mask, seed):
     """A context for one training forward: where the fused kernels run, its dropout masks are
-    keyed by token (cpu_kernels.token_keys), the same however a batch is split; the plain
-    path draws them from Jittor's generator in the batch's layout."""
+    keyed by (seed, token) (cpu_kernels.token_keys), the same however a batch is split; the
+    plain path draws them from Jittor's generator in the batch's layout."""
     if is_fused(model):
-        return cpu_kernels.token_keys(example_ids, attention_mask)
+        return cpu_kernels.token_keys(example_ids, attention_mask, seed)
     return contextlib.nullcontext()

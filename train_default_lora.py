@@ -10,8 +10,15 @@ Ready to paste:
 
 Writes into --output-dir: config.json (this run's settings), train_loss.txt / val_loss.txt
 (step<TAB>loss), metrics.jsonl, checkpoint-<step>/ (PEFT adapter + optimizer state, written
-atomically), adapter/ (the final PEFT-format adapter), predictions.json and scores.json
-(SQuAD EM/F1 by greedy generation), curves.png.
+atomically, with checksums), adapter/ (the final PEFT-format adapter), predictions.json and
+scores.json (SQuAD EM/F1 by greedy generation), curves.png; .lock while it runs.
+
+A run killed at any moment continues with --resume and ends with exactly the adapter and
+logs of an uninterrupted run; --resume after training finished redoes only the final phase.
+Ctrl-C / SIGTERM save a checkpoint at the end of the step and stop. Exit codes: 0 done,
+1 data error (a missing, malformed or damaged file; a failed write; the folder in use),
+2 usage error (a value out of range, --resume with nothing to resume or other settings),
+130 / 143 stopped by SIGINT / SIGTERM. See train_state.py for how.
 
 train() runs three phases: prepare() (checks, model, data, optimizer, restore), train_loop()
 (one flat loop: data, lr, forward/backward, log, eval, checkpoint) and finish() (the final
@@ -20,17 +27,18 @@ adapter, EM/F1, curves).
 Under mpirun every process (rank) trains on its share of each global batch of
 --batch-size x --grad-accum x processes examples and the gradients are summed once per
 step (distributed.py); the result is the same as one process with the same global batch.
-Only rank 0 writes files and prints.
+Only rank 0 writes files (and holds the lock) and prints.
 """
 # ----------------------------------------------------------------------------
 # Imports. Jittor comes in once, here, through jittor_env (CPU or CUDA, oneDNN found offline);
 # its first import on a machine compiles Jittor's core (minutes, then cached).
 import json
 import math
-import shutil
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,10 +54,12 @@ from gpt2_lora_dataset import (batches, collate, count_supervised, encode_datase
 from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import answer_questions, subset_dataset
-from train_config import (AT_LEAST_ONE, DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig,
-                          learning_rate, parse_args)
-from train_state import (append_line, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
-                         truncate_log)
+from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, check, learning_rate,
+                          parse_args, read_saved_config)
+from train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
+                         latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
+                         remove_leftovers, replace_folder, restore_checkpoint, save_checkpoint, stop_at, truncate_log,
+                         writing)
 
 # ----------------------------------------------------------------------------
 # Small pieces
@@ -82,9 +92,16 @@ def parse_shape(text):
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, _, value = item.partition("=")
         if key not in known or not value:
-            raise ValueError(f"--random-base: {item!r} is not a GPTConfig field=value "
+            raise UsageError(f"--random-base: {item!r} is not a GPTConfig field=value "
                              f"(fields: {', '.join(known)})")
-        shape[key] = known[key](value)
+        try:
+            shape[key] = known[key](value)
+        except ValueError:
+            raise UsageError(f"--random-base: {item!r}: {value!r} is not of type {known[key].__name__}") from None
+    try:
+        GPTConfig.from_hf_config(shape, source="--random-base")  # the same checks as a config.json
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return shape
 
 
@@ -115,18 +132,20 @@ class Run:
     step: int = 0             # optimizer steps done
     epoch: int = 0            # the epoch the next step is in (0-based)
     batches: int = 0          # global batches of that epoch done
+    stop: StopSignals = field(default_factory=StopSignals)  # set by Ctrl-C / SIGTERM while train() runs
 
 
 def prepare(cfg, resume):
-    """Checks, then everything the first step needs; a resumed run continues from its last checkpoint."""
-    for name in AT_LEAST_ONE:  # 0 means "off" or "all" only where the help says so
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    """Everything the first step needs (cfg checked, the folder locked); a resumed run continues
+    from its newest good checkpoint."""
     out = Path(cfg.output_dir)
     if distributed.is_main:
         open_output_dir(cfg, resume)
     distributed.barrier()  # the folder is ready (or rank 0 stopped with a message, and mpirun stops all)
     model, base_dir = build_model(cfg, out)
+    if cfg.max_length > model.config.n_positions:
+        raise UsageError(f"--max-length must be at most the base model's n_positions = {model.config.n_positions}, "
+                         f"not {cfg.max_length}")
     tokenizer = load_tokenizer(base_dir)
     data = load_data(cfg, tokenizer)
     if distributed.is_main:
@@ -147,49 +166,58 @@ def prepare(cfg, resume):
 
 
 def restore(run, resume):
-    """Resuming: the weights, AdamW moments and data position of the last checkpoint. Either
-    way the logs are left holding only the steps done (a resumed run re-does later ones)."""
-    ckpt = latest_checkpoint(run.out) if resume else None
-    if ckpt is not None:  # every rank loads the same checkpoint
-        state = load_checkpoint(ckpt, run.model, run.opt)
-        if "global_batch" not in state:
-            raise ValueError(f"{ckpt}: written by an older version of this script, whose batch order "
-                             f"this version does not reproduce; start a new run")
+    """Resuming: the weights, AdamW moments and data position of the newest good checkpoint
+    (damaged ones are reported and skipped). Either way the logs are left holding only the
+    steps done (a resumed run re-does later ones). Under MPI rank 0 verifies the checkpoints,
+    moves damaged ones aside and chooses; every other rank loads the one it chose."""
+    state = None
+    if resume:
+        if distributed.is_main:
+            state = restore_checkpoint(run.out, run.model, run.opt, log)
+        chosen = distributed.all_gather(state and state["step"])[0]  # rank 0's choice (None: no checkpoint)
+        if not distributed.is_main and chosen is not None:
+            tensors, state = read_checkpoint(checkpoint_path(run.out, chosen), run.model)
+            load_into(run.model, run.opt, tensors)
+    if state is not None:
         # The data position counts global batches of the epoch; the epoch's global batches are
         # the same only for the same global batch size (split any way into micro-batches and processes).
         if state["global_batch"] != run.global_batch:
-            raise SystemExit(f"{ckpt}: the run trained with a global batch of {state['global_batch']} examples "
+            raise UsageError(f"{run.out}: the run trained with a global batch of {state['global_batch']} examples "
                              f"and this one has {run.global_batch} (--batch-size {run.cfg.batch_size} x --grad-accum "
                              f"{run.cfg.grad_accum} x {distributed.world_size} process(es)); resume with the same "
                              f"global batch, split any way")
         run.step, run.epoch, run.batches = state["step"], state["epoch"], state["batches"]
-        log(f"resumed from {ckpt} (step {run.step}, epoch {run.epoch + 1})")
+    elif resume:
+        log(f"{run.out}: no checkpoint yet; starting again from step 0")
     if not distributed.is_main:
         return
-    for name in ("train_loss.txt", "val_loss.txt", "metrics.jsonl"):
+    for name in LOGS:
         if run.step == 0:
-            (run.out / name).unlink(missing_ok=True)
+            with writing(run.out / name):
+                (run.out / name).unlink(missing_ok=True)
         else:
-            truncate_log(run.out / name, run.step, is_json=name.endswith(".jsonl"))
+            truncate_log(run.out / name, run.step, is_json=name.endswith(".jsonl"), warn=log)
+    stop_at("restored", run.step)
 
 
 def open_output_dir(cfg, resume):
-    """The output folder with this run's config.json; a resumed run must be the same run, and
-    a new run must not mix with an old run's checkpoints."""
+    """The (locked) output folder with this run's config.json; a resumed run must be the same
+    run, and a new run must not mix with an old run's checkpoints."""
     out = Path(cfg.output_dir)
-    if cfg.demo and not resume and out == Path(DEMO_OVERRIDES["output_dir"]) and out.exists():
-        shutil.rmtree(out)  # `make demo` twice: the demo always starts afresh in its own folder
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.demo and not resume and out == Path(DEMO_OVERRIDES["output_dir"]):
+        clear_folder(out)  # `make demo` twice: the demo always starts afresh in its own folder
+    remove_leftovers(out)
     config_file = out / "config.json"
-    if resume and config_file.is_file():
-        old = json.loads(config_file.read_text())
+    if resume:
+        old = read_saved_config(config_file)
         changed = {k for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE and old.get(k) != v}
         if changed:
-            raise SystemExit(f"{config_file}: --resume with different settings "
+            raise UsageError(f"{config_file}: --resume with different settings "
                              f"({', '.join(f'{k}: {old.get(k)} -> {getattr(cfg, k)}' for k in sorted(changed))})")
-    if not resume and latest_checkpoint(out):
-        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
-    atomic_write_json(config_file, asdict(cfg))
+    if not resume and list_checkpoints(out):
+        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
+    with writing(config_file):
+        atomic_write_json(config_file, asdict(cfg))
     return out
 
 
@@ -198,9 +226,14 @@ def build_model(cfg, out):
     if cfg.random_base:
         base_dir = out / "base_model"
         shape = parse_shape(cfg.random_base)
-        if distributed.is_main and not (base_dir / "model.safetensors").is_file():
+        if distributed.is_main and not ((base_dir / "config.json").is_file()
+                                        and (base_dir / "model.safetensors").is_file()):
             jt.set_global_seed(cfg.seed)
-            GPT(GPTConfig(**shape)).save_pretrained(base_dir)
+            tmp = out / ".tmp-base_model"
+            with writing(tmp):
+                GPT(GPTConfig(**shape)).save_pretrained(tmp)
+            stop_at("base_model")
+            replace_folder(tmp, base_dir)
         distributed.barrier()  # built once, by rank 0, before any rank loads it
         log(f"NOTE: the base model in {base_dir} is a RANDOM-initialised GPT-2 ({cfg.random_base}), "
             f"not pretrained GPT-2: this run shows the pipeline working end to end; it cannot "
@@ -211,8 +244,8 @@ def build_model(cfg, out):
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
     base = GPT.from_pretrained(base_dir)
-    # LoRA A init from the seed alone: the same on every rank (Jittor's default seeding adds
-    # rank * 2591), and whether or not this run has just drawn a random base
+    # LoRA A init: the same whether or not this process just built the base, and on every
+    # rank (Jittor's default seeding adds rank * 2591)
     jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)
     model = runtime.prepare(LoRAGPT(base, lora_cfg))  # the fused CPU kernels where they run
     model.base_model_name_or_path = str(base_dir)
@@ -281,6 +314,7 @@ def train_loop(run, stop_after=None, progress=True):
             t0 = time.time()
             loss, n_tok = optimizer_step(run, batch)
             run.step, run.batches = run.step + 1, run.batches + 1
+            stop_at("step", run.step)
 
             # --- log (tokens: real tokens of the global batch)
             dt, tokens_seen = time.time() - t0, tokens_seen + n_tok
@@ -301,10 +335,18 @@ def train_loop(run, stop_after=None, progress=True):
                 log(f"step {run.step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
             if run.batches >= len(order):  # end of the epoch
                 run.epoch, run.batches = run.epoch + 1, 0
-            if main and (run.step % cfg.save_interval == 0 or run.step == run.total):
-                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "batches": run.batches,
-                                                      "global_batch": run.global_batch})
-                prune_checkpoints(out, cfg.keep_checkpoints)
+            # Ctrl-C / SIGTERM during this step, on any rank: checkpoint it, then stop. Under MPI
+            # the ranks agree on the step (a signal seen by one rank stops all of them here).
+            stop = distributed.max_over_ranks(run.stop.signum or 0)
+            if main and (run.step % cfg.save_interval == 0 or run.step == run.total or stop):
+                ckpt = save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "batches": run.batches,
+                                                             "global_batch": run.global_batch})
+                prune_checkpoints(out, cfg.keep_checkpoints, ckpt)  # only now that the new one is verified
+            if stop:
+                distributed.barrier()  # no rank exits (and mpirun kills the job) before the checkpoint is written
+                raise Stopped(stop, f"stopped by {signal.Signals(stop).name} after step {run.step} of {run.total}; "
+                                    f"{checkpoint_path(out, run.step)} holds it. Continue with: python "
+                                    f"train_default_lora.py --output-dir {out} --resume")
             if stop_after is not None and run.step >= stop_after:
                 return False
     return True
@@ -322,21 +364,18 @@ def optimizer_step(run, batch):
     cfg, model, opt, features = run.cfg, run.model, run.opt, run.data.train_features
     n_total = count_supervised([features[i] for i in batch])  # every rank sees the whole global batch
     mine = [idx for idx in rank_share(batch, distributed.world_size, distributed.rank, cfg.grad_accum) if idx]
-    # Dropout masks: reseeded per step, so a resumed run draws what an uninterrupted one
-    # draws. The fused kernels key them by (seed, step, example, position): every micro-batch
-    # of every rank starts from the same seed. The plain path's masks follow the batch
-    # layout: one seed per step and rank (Jittor's rank offset).
-    keyed, step_seed = runtime.is_fused(model), cfg.seed * 100_003 + run.step
-    if not keyed:
-        jt.set_global_seed(step_seed)
+    # Dropout masks: a seed per step, so a resumed run draws what an uninterrupted one draws.
+    # The fused kernels key them by (step seed, example, position): the same in every
+    # micro-batch and rank. The plain path draws from Jittor's generator in the batch's
+    # layout, reseeded per step (per rank: Jittor's rank offset).
+    step_seed = (cfg.seed * 100_003 + run.step) % 2 ** 31  # Jittor's seeds are 31-bit
+    jt.set_global_seed(step_seed)
     loss_sum = 0.0
     with distributed.no_sync():  # accumulate here; one all-reduce below
         for idx in mine:
             b = collate([features[i] for i in idx])
             n = int((b["targets"] != IGNORE_INDEX).sum())
-            if keyed:
-                jt.set_global_seed(step_seed, different_seed_for_mpi=False)
-            with runtime.dropout_keys(model, idx, b["attention_mask"]):
+            with runtime.dropout_keys(model, idx, b["attention_mask"], step_seed):
                 _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]),
                                 attention_mask=jt.array(b["attention_mask"]))
             opt.backward(loss * (n / n_total))
@@ -365,10 +404,14 @@ def finish(run):
     out = run.out
     run.model.eval()
     if distributed.is_main:
-        run.model.save_lora_weights(out / "adapter")
+        with writing(out / ".tmp-adapter"):
+            run.model.save_lora_weights(out / ".tmp-adapter")
+        stop_at("finish:adapter")
+        replace_folder(out / ".tmp-adapter", out / "adapter")  # the folder appears whole or not at all
     log(f"adapter saved to {out / 'adapter'} (PEFT format)")
     final_scores(run)
     if distributed.is_main:
+        stop_at("finish:curves")
         try:
             plot_runs([out], out / "curves.png")
             log(f"loss curves: {out / 'curves.png'}")
@@ -397,10 +440,15 @@ def final_scores(run):
         preds = {ex.id: answers[ex.id] for ex in examples[:n]}
         s = evaluate_squad(subset_dataset(load_squad_json(path), set(preds)), preds)
         scores[name] = {**s, "questions": len(preds)}
-        atomic_write_json(run.out / ("predictions.json" if name == "heldout" else "predictions_train.json"), preds)
+        stop_at("finish:predictions")
+        preds_file = run.out / ("predictions.json" if name == "heldout" else "predictions_train.json")
+        with writing(preds_file):
+            atomic_write_json(preds_file, preds)
         log(f"{name} SQuAD EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}  on {len(preds)} questions")
     if scores and distributed.is_main:
-        atomic_write_json(run.out / "scores.json", scores)
+        stop_at("finish:scores")
+        with writing(run.out / "scores.json"):
+            atomic_write_json(run.out / "scores.json", scores)
 
 
 # ----------------------------------------------------------------------------
@@ -408,19 +456,48 @@ def final_scores(run):
 def train(cfg, resume=False, stop_after=None, progress=True):
     """Run training; returns the output folder. stop_after=N stops after optimizer step N
     as if interrupted (used by the resume tests)."""
-    run = prepare(cfg, resume)
-    if train_loop(run, stop_after, progress):
-        finish(run)
+    check(cfg)
+    if cfg.random_base:
+        parse_shape(cfg.random_base)  # a bad shape is a usage error, found before anything is written
+    out = Path(cfg.output_dir)
+    if resume and not (out / "config.json").is_file():
+        raise UsageError(f"{out}: nothing to resume (no config.json of a run there); leave out --resume to start one")
+    with RunLock(out, log=log) if distributed.is_main else nullcontext():  # one lock for all ranks
+        run = prepare(cfg, resume)
+        with run.stop:
+            done = train_loop(run, stop_after, progress)
+        if done:
+            finish(run)
     return run.out
 
 
-def main():
-    cfg, resume = parse_args(description=__doc__.split("\n")[0])
+def stop_now(signum, frame):
+    """SIGINT / SIGTERM outside the training loop (which saves a checkpoint first): stop at once."""
+    raise Stopped(signum, f"stopped by {signal.Signals(signum).name}; the checkpoints are intact and --resume "
+                          f"continues from the newest (after training, it redoes the final phase)")
+
+
+def main(argv=None):
+    """The command line; returns the exit code (see the module doc): one line on stderr for
+    every error, never a traceback."""
+    saved = {s: signal.signal(s, stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        cfg, resume = parse_args(argv, description=__doc__.split("\n")[0])
         train(cfg, resume=resume)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except Stopped as e:
+        distributed.say(str(e))
+        return e.exit_code
+    except UsageError as e:
+        distributed.say(f"error: {e}")
+        return 2
+    except (OSError, ValueError, RuntimeError) as e:  # data errors, failed writes, the folder in use
+        distributed.say(f"error: {e}")
+        return 1
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    return 0
 
 
 if __name__ == "__main__":
-    distributed.run_main(main)  # under mpirun: an error on one rank stops them all
+    sys.exit(distributed.run_main(main))  # under mpirun: an error on one rank stops them all

