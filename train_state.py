@@ -288,6 +288,9 @@ def read_checkpoint(path, model):
         state = json.loads((path / "trainer_state.json").read_text())
     except ValueError:
         state = None
+    if isinstance(state, dict) and "micro" in state and "global_batch" not in state:  # intact, but not resumable
+        raise ValueError(f"{path}: written by an older version of this script (its data position counts "
+                         f"micro-batches), whose batch order this version does not reproduce; start a new run")
     consistent = (isinstance(state, dict) and all(type(state.get(k)) is int and state[k] >= 0
                                                   for k in ("step", "epoch", "batches", "global_batch"))
                   and state["global_batch"] > 0 and state["step"] == checkpoint_step(path) == manifest_step)

@@ -148,6 +148,15 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(split_files, tmp_path
         shutil.copytree(pristine, newest)
     print(f"{len(DAMAGES)} kinds of damage reported and skipped")
 
+    # intact, but written before the data position counted global batches: refused, not moved aside
+    rewrite_with_manifest(newest, "trainer_state.json", lambda p: p.write_text(
+        json.dumps({"step": 4, "epoch": 0, "micro": 4})))
+    with pytest.raises(ValueError, match=f"{newest}: written by an older version of this script"):
+        restore_checkpoint(out, run.model, run.opt, logged.append)
+    assert newest.is_dir()
+    shutil.rmtree(newest)
+    shutil.copytree(pristine, newest)
+
     # nothing intact: refused, and nothing moved
     DAMAGES["a flipped byte"][0](newest)
     DAMAGES["no manifest"][0](out / "checkpoint-000002")
