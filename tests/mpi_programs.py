@@ -6,6 +6,9 @@ rank-1-raises  rank 1 raises while rank 0 waits in an all-reduce: run_main must 
                that mpirun stops rank 0 (a plain exit hangs in MPI_Finalize)
 train-and-die  train_default_lora.py with the arguments that follow; rank 1 is killed
                (SIGKILL, as the kernel's OOM killer would) when step $DIE_AT_STEP begins
+train-and-stop train_default_lora.py with the arguments that follow; each rank prints its pid
+               and whether it takes the run's lock; when step $STOP_AT_STEP begins, rank 1
+               prints what OUTPUT_DIR/.lock says and sends itself SIGTERM (rank 0 gets none)
 """
 import os
 import signal
@@ -109,6 +112,27 @@ def train_and_die(argv):
     distributed.run_main(T.main)
 
 
+def train_and_stop(argv):
+    import train_default_lora as T
+    import train_state
+    stop_at, step, enter = int(os.environ["STOP_AT_STEP"]), T.optimizer_step, train_state.RunLock.__enter__
+    print(f"rank {distributed.rank}: pid {os.getpid()}", flush=True)
+
+    def entering(lock):
+        print(f"rank {distributed.rank}: takes {lock.path}", flush=True)
+        return enter(lock)
+
+    def stopping(run, batch):
+        if distributed.rank == 1 and run.step + 1 == stop_at:
+            print(f"rank 1: {run.out / '.lock'} says {(run.out / '.lock').read_text()!r}", flush=True)
+            print(f"rank 1: SIGTERM to myself at the start of step {stop_at}", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(run, batch)
+    train_state.RunLock.__enter__, T.optimizer_step = entering, stopping
+    sys.argv = ["train_default_lora.py"] + argv
+    sys.exit(distributed.run_main(T.main))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "helpers":
         distributed.run_main(helpers)
@@ -116,5 +140,7 @@ if __name__ == "__main__":
         distributed.run_main(rank_1_raises)
     elif sys.argv[1] == "train-and-die":
         train_and_die(sys.argv[2:])
+    elif sys.argv[1] == "train-and-stop":
+        train_and_stop(sys.argv[2:])
     else:
         sys.exit(f"unknown program {sys.argv[1]!r}")

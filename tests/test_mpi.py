@@ -8,6 +8,7 @@ starts Jittor in 2 processes (seconds each), so the runs are few and short.
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,38 @@ def test_a_rank_dies_then_the_run_resumes_with_another_number_of_processes(refer
     # a resumed run must keep the global batch
     with pytest.raises(UsageError, match=r"global batch of 8 examples and this one has 4"):
         train(TrainConfig(**dict(cfg, batch_size=2, grad_accum=2, output_dir=str(out))), resume=True, progress=False)
+
+
+@needs_mpi
+def test_rank_0_alone_locks_and_a_sigterm_to_one_rank_stops_all_at_one_checkpoint(reference, tmp_path):
+    """2 processes; rank 0 alone takes OUTPUT_DIR/.lock (rank 1 finds rank 0's pid in it).
+    Rank 1 alone gets SIGTERM in step 7 (mpirun itself, sent SIGTERM, kills its ranks a second
+    later: a graceful stop goes to the ranks): both ranks finish step 7, rank 0 writes
+    checkpoint 7, both exit 143 and mpirun with them. The checkpoint verifies and 2 processes
+    resume it to the uninterrupted run's end."""
+    ref, cfg = reference(False, False), settings(False, False)
+    out = tmp_path / "stopped"
+    argv = command_line(dict(cfg, batch_size=4, output_dir=str(out)))
+    r = mpirun(["tests/mpi_programs.py", "train-and-stop"] + argv, env={"STOP_AT_STEP": "7"}, check=False)
+    said = [line for line in r.stdout.splitlines() if line.startswith("rank ")]
+    print(f"\nSIGTERM to rank 1 in step 7: mpirun exited with status {r.returncode} after {r.elapsed:.0f} s\n"
+          + "\n".join(said) + "\n" + "\n".join(line for line in r.stderr.splitlines() if "stopped by" in line))
+    pids = dict(re.findall(r"^rank (\d): pid (\d+)$", r.stdout, re.M))
+    assert [line for line in said if "takes" in line] == [f"rank 0: takes {out / '.lock'}"]
+    assert re.search(rf"^rank 1: {out / '.lock'} says 'pid {pids['0']} on host ", r.stdout, re.M), r.stdout
+    assert r.returncode == 143, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}/2] stopped by SIGTERM after step 7 of 10; {out / 'checkpoint-000007'} holds it" \
+            in r.stderr, r.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000005", "checkpoint-000007"]
+    assert steps_and_values(out / "train_loss.txt")[0] == list(range(1, 8))  # each step once, none after 7
+    print(f"the stopped run's lock was free {wait_for_lock(out):.1f} s after mpirun returned; "
+          f"it holds {(out / '.lock').read_text()!r}")
+    assert (out / ".lock").read_text() == ""  # emptied: rank 0 ended cleanly
+
+    r = run("2x4", cfg, out, resume=True)
+    assert f"resumed from {out / 'checkpoint-000007'} (step 7, epoch 2)" in r.stderr and "damaged" not in r.stderr
+    assert_same_training(ref, out, "2 processes stopped by SIGTERM to rank 1 after step 7, resumed by 2 processes")
 
 
 @needs_mpi
