@@ -21,7 +21,6 @@ Model code only: no argument parsing, logging or plotting here.
 """
 import json
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,47 +28,8 @@ import numpy as np
 from jittor_env import jt
 from jittor import nn
 import cpu_kernels
+from gpt2_config import ACTIVATION_FUNCTIONS, GPTConfig  # GPTConfig: also imported from here
 from model_utils import IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, read_hf_weights
-
-
-@dataclass
-class GPTConfig:
-    n_layer: int = 12            # transformer blocks
-    n_head: int = 12             # attention heads per block
-    n_embd: int = 768            # model width; head size is n_embd // n_head
-    n_positions: int = 1024      # longest sequence the position table covers
-    vocab_size: int = 50257      # GPT-2's BPE vocabulary
-    layer_norm_epsilon: float = 1e-5
-    activation_function: str = "gelu_new"   # the tanh approximation GPT-2 was trained with
-    resid_pdrop: float = 0.1     # dropout after attention / MLP output projections
-    embd_pdrop: float = 0.1      # dropout on token + position embeddings
-    attn_pdrop: float = 0.1      # dropout on attention probabilities
-    initializer_range: float = 0.02  # std of the random init (weights are usually loaded instead)
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
-
-    @classmethod
-    def from_hf_config(cls, cfg, source="config.json"):
-        """Build from a Hugging Face GPT-2 config.json dict; errors name `source`."""
-        if cfg.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
-        act = cfg.get("activation_function", "gelu_new")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"{source}: activation_function {act!r} is not supported "
-                             f"(supported: {', '.join(ACTIVATIONS)})")
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in cfg.items() if k in known})
-        if config.n_embd % config.n_head:
-            raise ValueError(f"{source}: n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-        return config
-
-    def to_hf_config(self):
-        """The config.json transformers writes for a GPT2LMHeadModel."""
-        cfg = {f.name: getattr(self, f.name) for f in fields(self)}
-        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
-                   n_inner=None, scale_attn_weights=True,
-                   tie_word_embeddings=True, use_cache=True)
-        return cfg
 
 
 # ----------------------------------------------------------------------------
@@ -125,6 +85,7 @@ class GELU(nn.Module):
 
 
 ACTIVATIONS = {"gelu_new": NewGELU, "gelu_pytorch_tanh": NewGELU, "gelu": GELU, "relu": nn.ReLU}
+assert tuple(ACTIVATIONS) == ACTIVATION_FUNCTIONS  # the names GPTConfig accepts
 
 
 def causal_attention(q, k, v, key_mask, attn_drop):

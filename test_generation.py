@@ -126,6 +126,26 @@ def answer_questions(model, tokenizer, examples, batch_size=8, max_new_tokens=32
 # ----------------------------------------------------------------------------
 # Data
 
+def score_run(model, tokenizer, cfg, data, out):
+    """SQuAD EM/F1 of a training run's model (a train_config.TrainConfig and a
+    gpt2_lora_dataset.Data) by greedy generation on its first cfg.gen_eval_examples held-out
+    and cfg.train_gen_eval_examples training questions; writes predictions.json,
+    predictions_train.json and scores.json into `out`."""
+    scores = {}
+    for name, examples, path, n in (("heldout", data.eval_examples, data.eval_path, cfg.gen_eval_examples),
+                                    ("train", data.train_examples, data.train_path, cfg.train_gen_eval_examples)):
+        if not n:
+            continue
+        preds = answer_questions(model, tokenizer, examples[:n], batch_size=cfg.batch_size,
+                                 max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
+        s = evaluate_squad(subset_dataset(load_squad_json(path), set(preds)), preds)
+        scores[name] = {**s, "questions": len(preds)}
+        atomic_write_json(out / ("predictions.json" if name == "heldout" else "predictions_train.json"), preds)
+        print(f"{name} SQuAD EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}  on {len(preds)} questions", file=sys.stderr)
+    if scores:
+        atomic_write_json(out / "scores.json", scores)
+
+
 def subset_dataset(data, ids):
     """The raw SQuAD `data` list keeping only the questions in `ids` (and the articles and
     paragraphs that still hold one), so that evaluate_squad scores exactly those questions."""

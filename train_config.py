@@ -108,8 +108,21 @@ def parse_args(argv=None, description="Fine-tune GPT-2 with LoRA on SQuAD v1.1 (
     return TrainConfig(**{**base, **given}), args.resume
 
 
+def check_config(cfg):
+    """Refuse a 0 where it has no meaning: 0 means "off" or "all" only where the help says so."""
+    for name in AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+
+
 # ----------------------------------------------------------------------------
 # The learning-rate schedule
+
+def total_steps(cfg, micro_batches_per_epoch):
+    """Optimizer steps of the whole run: --epochs passes, or --max-steps when that comes first."""
+    per_epoch = math.ceil(micro_batches_per_epoch / cfg.grad_accum)
+    return min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
+
 
 def learning_rate(step, cfg, total_steps):
     """lr for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay to 0."""

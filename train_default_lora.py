@@ -9,7 +9,8 @@ Ready to paste:
 
 Writes into --output-dir: config.json (this run's settings), train_loss.txt / val_loss.txt
 (step<TAB>loss), metrics.jsonl, checkpoint-<step>/ (PEFT adapter + optimizer state, written
-atomically), adapter/ (the final PEFT-format adapter), predictions.json and scores.json
+atomically), adapter/ (the final PEFT-format adapter), base_model/ (with --random-base),
+predictions.json and scores.json
 (SQuAD EM/F1 by greedy generation), curves.png.
 
 train() runs three phases: prepare() (checks, model, data, optimizer, restore), train_loop()
@@ -24,23 +25,23 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from jittor_env import jt
 from GPT2_jittor import GPT, GPTConfig
+from gpt2_config import parse_shape
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
 import runtime
-from gpt2_lora_dataset import (batches, collate, count_tokens, encode_dataset, ensure_squad, load_squad_json,
-                               read_squad, split_by_article)
-from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
+from gpt2_lora_dataset import Data, batches, collate, count_tokens, load_data
+from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, load_tokenizer
 from plot_loss import plot_runs
-from test_generation import answer_questions, subset_dataset
-from train_config import (AT_LEAST_ONE, DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig,
-                          learning_rate, parse_args)
+from test_generation import score_run
+from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, check_config, learning_rate,
+                          parse_args, total_steps)
 from train_state import (append_line, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                          truncate_log)
 
@@ -64,31 +65,8 @@ def evaluate_loss(model, batches_):
     return total / max(count, 1)
 
 
-def parse_shape(text):
-    """'n_layer=2,n_embd=128' -> {"n_layer": 2, "n_embd": 128}, checked against GPTConfig."""
-    known = {f.name: f.type for f in fields(GPTConfig)}
-    shape = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, _, value = item.partition("=")
-        if key not in known or not value:
-            raise ValueError(f"--random-base: {item!r} is not a GPTConfig field=value "
-                             f"(fields: {', '.join(known)})")
-        shape[key] = known[key](value)
-    return shape
-
-
 # ----------------------------------------------------------------------------
 # Phase 1: prepare a run
-
-@dataclass
-class Data:
-    train_examples: list      # SquadExample, for EM/F1 on training questions
-    train_path: Path
-    train_features: list      # encoded, what the loop trains on
-    eval_examples: list
-    eval_path: Path
-    eval_batches: list        # collated held-out batches for the validation loss
-
 
 @dataclass
 class Run:
@@ -107,9 +85,7 @@ class Run:
 
 def prepare(cfg, resume):
     """Checks, then everything the first step needs; a resumed run continues from its last checkpoint."""
-    for name in AT_LEAST_ONE:  # 0 means "off" or "all" only where the help says so
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    check_config(cfg)
     out = open_output_dir(cfg, resume)
     jt.set_global_seed(cfg.seed)  # LoRA A init
     model, base_dir = build_model(cfg, out)
@@ -120,9 +96,7 @@ def prepare(cfg, resume):
     # PyTorch step by step in tests/test_lora_peft.py.
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8,
                          betas=(0.9, 0.999))
-    per_epoch = math.ceil(len(batches(data.train_features, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket))
-                          / cfg.grad_accum)
-    total = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
+    total = total_steps(cfg, len(batches(data.train_features, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket)))
     run = Run(cfg, out, model, tokenizer, opt, data, total)
     restore(run, resume)
     return run
@@ -179,39 +153,10 @@ def build_model(cfg, out):
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
-    model = runtime.prepare(LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg))  # the fused CPU kernels where they run
+    model = LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg)
+    model = runtime.prepare(model)  # the fused CPU kernels where they run
     model.base_model_name_or_path = str(base_dir)
     return model, base_dir
-
-
-def load_data(cfg, tokenizer):
-    """The training and held-out questions, read, checked and encoded (held-out ones collated for the loss)."""
-    train_path = Path(cfg.train_file) if cfg.train_file else ensure_squad("train")
-    train_ex, bad = read_squad(train_path, skip_bad=cfg.skip_bad)
-    if cfg.eval_file:
-        eval_path = Path(cfg.eval_file)
-        eval_ex, bad_eval = read_squad(eval_path, skip_bad=cfg.skip_bad)
-        bad += bad_eval
-    elif cfg.demo:  # the sample file is split by article: no paragraph on both sides
-        eval_path = train_path
-        train_ex, eval_ex = split_by_article(train_ex, val_fraction=0.2, seed=cfg.seed)
-    else:
-        eval_path = ensure_squad("dev")
-        eval_ex, bad_eval = read_squad(eval_path, skip_bad=cfg.skip_bad)
-        bad += bad_eval
-    if bad:
-        log(f"skipped {bad} malformed questions (--skip-bad)")
-    leaked = {e.context for e in train_ex} & {e.context for e in eval_ex}
-    if leaked:
-        log(f"warning: {len(leaked)} paragraphs are in both the training and the evaluation file")
-    if cfg.max_train_examples:
-        train_ex = train_ex[:cfg.max_train_examples]
-    train_f, cut = encode_dataset(tokenizer, train_ex, cfg.max_length, cfg.loss_on)
-    eval_f, cut_eval = encode_dataset(tokenizer, eval_ex[:cfg.eval_examples], cfg.max_length, cfg.loss_on)
-    log(f"train: {len(train_f)} questions from {train_path} ({cut} contexts cut to {cfg.max_length} tokens); "
-        f"held-out: {len(eval_ex)} questions from {eval_path}, {len(eval_f)} used for the loss ({cut_eval} cut)")
-    eval_batches = [collate([eval_f[i] for i in b]) for b in batches(eval_f, cfg.batch_size, 0, 0, shuffle=False)]
-    return Data(train_ex, train_path, train_f, eval_ex, eval_path, eval_batches)
 
 
 # ----------------------------------------------------------------------------
@@ -302,7 +247,7 @@ def finish(run):
     run.model.eval()
     run.model.save_lora_weights(out / "adapter")
     log(f"adapter saved to {out / 'adapter'} (PEFT format)")
-    final_scores(run)
+    score_run(run.model, run.tokenizer, run.cfg, run.data, run.out)
     try:
         plot_runs([out], out / "curves.png")
         log(f"loss curves: {out / 'curves.png'}")
@@ -310,23 +255,6 @@ def finish(run):
         log(f"warning: could not plot the curves ({e})")
     log(f"done: {out}/ holds adapter/ (PEFT format), checkpoint-*/, train_loss.txt, val_loss.txt, "
         f"metrics.jsonl, config.json, predictions.json, scores.json, curves.png")
-
-
-def final_scores(run):
-    """SQuAD EM/F1 by greedy generation on held-out (and optionally training) questions."""
-    cfg, data, scores = run.cfg, run.data, {}
-    for name, examples, path, n in (("heldout", data.eval_examples, data.eval_path, cfg.gen_eval_examples),
-                                    ("train", data.train_examples, data.train_path, cfg.train_gen_eval_examples)):
-        if not n:
-            continue
-        preds = answer_questions(run.model, run.tokenizer, examples[:n], batch_size=cfg.batch_size,
-                                 max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
-        s = evaluate_squad(subset_dataset(load_squad_json(path), set(preds)), preds)
-        scores[name] = {**s, "questions": len(preds)}
-        atomic_write_json(run.out / ("predictions.json" if name == "heldout" else "predictions_train.json"), preds)
-        log(f"{name} SQuAD EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}  on {len(preds)} questions")
-    if scores:
-        atomic_write_json(run.out / "scores.json", scores)
 
 
 # ----------------------------------------------------------------------------
