@@ -8,9 +8,9 @@ Ready to paste:
     python train_default_lora.py --output-dir checkpoints/run1 --resume     # continue after a stop
 
 Writes into --output-dir: config.json (this run's settings), train_loss.txt / val_loss.txt
-(step<TAB>loss), metrics.jsonl, checkpoint-<step>/ (PEFT adapter + optimizer state, written
-atomically), adapter/ (the final PEFT-format adapter), base_model/ (with --random-base),
-predictions.json and scores.json
+(step<TAB>loss), metrics.jsonl, adapter-step0/ (the starting adapter), checkpoint-<step>/
+(PEFT adapter + optimizer state, written atomically), adapter/ (the final PEFT-format
+adapter), base_model/ (with --random-base), predictions.json and scores.json
 (SQuAD EM/F1 by greedy generation), curves.png.
 
 train() runs three phases: prepare() (checks, model, data, optimizer, restore), train_loop()
@@ -31,13 +31,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jittor_env import jt
-from GPT2_jittor import GPT, GPTConfig
-from gpt2_config import parse_shape
+from GPT2_jittor import GPT
+from init_weights import base_model_dir
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
 import runtime
 from gpt2_lora_dataset import Data, batches, collate, count_tokens, load_data
-from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, load_tokenizer
+from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import score_run
 from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, check_config, learning_rate,
@@ -87,7 +87,6 @@ def prepare(cfg, resume):
     """Checks, then everything the first step needs; a resumed run continues from its last checkpoint."""
     check_config(cfg)
     out = open_output_dir(cfg, resume)
-    jt.set_global_seed(cfg.seed)  # LoRA A init
     model, base_dir = build_model(cfg, out)
     tokenizer = load_tokenizer(base_dir)
     data = load_data(cfg, tokenizer)
@@ -99,6 +98,8 @@ def prepare(cfg, resume):
     total = total_steps(cfg, len(batches(data.train_features, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket)))
     run = Run(cfg, out, model, tokenizer, opt, data, total)
     restore(run, resume)
+    if run.step == 0:  # the starting point, to compare with another run's (train_pytorch_lora.py)
+        model.save_lora_weights(out / "adapter-step0")
     return run
 
 
@@ -139,21 +140,11 @@ def open_output_dir(cfg, resume):
 
 def build_model(cfg, out):
     """(LoRAGPT, base model folder): GPT-2 from --model, or a random one (--random-base), with adapters."""
-    if cfg.random_base:
-        base_dir = out / "base_model"
-        shape = parse_shape(cfg.random_base)
-        if not (base_dir / "model.safetensors").is_file():
-            jt.set_global_seed(cfg.seed)
-            GPT(GPTConfig(**shape)).save_pretrained(base_dir)
-        log(f"NOTE: the base model in {base_dir} is a RANDOM-initialised GPT-2 ({cfg.random_base}), "
-            f"not pretrained GPT-2: this run shows the pipeline working end to end; it cannot "
-            f"answer questions the way a pretrained GPT-2 + LoRA does.")
-    else:
-        base_dir = ensure_gpt2(cfg.model)
+    base_dir = base_model_dir(cfg, out, log)
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
-    model = LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg)
+    model = LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg, seed=cfg.seed)
     model = runtime.prepare(model)  # the fused CPU kernels where they run
     model.base_model_name_or_path = str(base_dir)
     return model, base_dir
