@@ -35,8 +35,9 @@ DEMO_ADAPTER = Path("checkpoints/demo/adapter")
 # ----------------------------------------------------------------------------
 # Loading
 
-def load_model(model_dir="gpt2", adapter_dir=None):
-    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given.
+def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto"):
+    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given,
+    on `device` in `precision` (runtime.prepare).
 
     Errors (missing folder, bad checkpoint, adapter made for another model) are
     FileNotFoundError / ValueError / RuntimeError whose message names the file.
@@ -49,7 +50,7 @@ def load_model(model_dir="gpt2", adapter_dir=None):
     model = GPT.from_pretrained(model_dir)
     if adapter_dir is not None:
         model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0)
-    return runtime.prepare(model).eval(), load_tokenizer(model_dir)
+    return runtime.prepare(model, device, precision).eval(), load_tokenizer(model_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -197,6 +198,10 @@ if __name__ == "__main__":
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when a usable GPU is there), cpu or cuda")
+    parser.add_argument("--precision", default="auto",
+                        help="fp32, tf32 (CUDA), bf16 or fp16 (frozen weights in half); auto: fp32 on the CPU, "
+                             "bf16 on CUDA")
     args = parser.parse_args()
     if (args.context is None) != (args.question is None):
         parser.error("--context and --question go together")
@@ -235,10 +240,12 @@ if __name__ == "__main__":
             examples = [SquadExample("question", "", args.context, args.question, [], -1)]
         else:
             examples = demo_examples()
-        model, tokenizer = load_model(model_dir, adapter_dir)
+        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         fail(e)
-    print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else ""), file=sys.stderr)
+    import runtime
+    print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
+          f"; {runtime.describe(model)}", file=sys.stderr)
     gen["max_length"] = min(args.max_length, model.config.n_positions)  # what answer_questions uses; recorded
 
     # --- one question ----------------------------------------------------------
@@ -269,7 +276,7 @@ if __name__ == "__main__":
         scores = evaluate_squad(subset_dataset(data, predictions) if subset else data, predictions)
         report = {**scores, "questions": len(examples), "questions_in_file": n_all, "data": str(args.data),
                   "model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
-                  "predictions": str(output), **gen}
+                  "predictions": str(output), "runtime": runtime.describe(model), **gen}
         atomic_write_json(scores_path, report)
         if subset:
             print(f"scored over the first {len(examples)} of {n_all} questions only (--limit), not the whole file")

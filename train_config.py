@@ -47,6 +47,11 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many optimizer steps (0 = all epochs)")
     max_train_examples: int = option(0, "use only the first N training questions (0 = all; the seed used 100)")
     seed: int = option(42, "seed for data order, LoRA init and dropout")
+    # where it runs (mixed_precision.py)
+    device: str = option("auto", "auto (CUDA when a usable GPU is there, else the CPU), cpu or cuda")
+    precision: str = option("auto", "fp32; tf32 (CUDA); bf16 or fp16: frozen base weights in half, LoRA, AdamW, "
+                                    "LayerNorm, softmax and loss in float32, fp16 with dynamic loss scaling; "
+                                    "auto: fp32 on the CPU, bf16 on CUDA")
     # data
     max_length: int = option(512, "longest example in tokens; longer contexts are cut around the answer")
     loss_on: str = option("answer", "'answer': loss on answer tokens only; 'all': on every token (the seed's way)")
@@ -75,7 +80,7 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       dropout=0.0, lr=5e-3, epochs=40, batch_size=8, warmup_steps=10, max_length=256,
                       eval_interval=20, save_interval=60, eval_examples=64, gen_eval_examples=16,
                       train_gen_eval_examples=16, max_new_tokens=12)
-RESUME_MAY_CHANGE = {"max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
+RESUME_MAY_CHANGE = {"device", "max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
                      "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens"}
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
                 "max_new_tokens")

@@ -33,6 +33,7 @@ from jittor_env import jt
 from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
+from mixed_precision import LossScaler
 import runtime
 from gpt2_lora_dataset import (batches, collate, count_tokens, encode_dataset, ensure_squad, load_squad_json,
                                read_squad, split_by_article)
@@ -100,6 +101,7 @@ class Run:
     opt: object               # jt.optim.AdamW over the LoRA tensors
     data: Data
     total: int                # optimizer steps of the whole run
+    scaler: LossScaler = None # fp16: dynamic loss scaling (None in other precisions)
     step: int = 0             # optimizer steps done
     epoch: int = 0            # the epoch the next step is in (0-based)
     micro: int = 0            # micro-batches of that epoch done
@@ -123,7 +125,8 @@ def prepare(cfg, resume):
     per_epoch = math.ceil(len(batches(data.train_features, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket))
                           / cfg.grad_accum)
     total = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
-    run = Run(cfg, out, model, tokenizer, opt, data, total)
+    scaler = LossScaler() if runtime.precision_of(model) == "fp16" else None
+    run = Run(cfg, out, model, tokenizer, opt, data, total, scaler)
     restore(run, resume)
     return run
 
@@ -133,7 +136,7 @@ def restore(run, resume):
     way the logs are left holding only the steps done (a resumed run re-does later ones)."""
     ckpt = latest_checkpoint(run.out) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, run.model, run.opt)
+        state = load_checkpoint(ckpt, run.model, run.opt, run.scaler)
         run.step, run.epoch, run.micro = state["step"], state["epoch"], state["micro"]
         log(f"resumed from {ckpt} (step {run.step}, epoch {run.epoch + 1})")
     for name in ("train_loss.txt", "val_loss.txt", "metrics.jsonl"):
@@ -179,7 +182,9 @@ def build_model(cfg, out):
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
-    model = runtime.prepare(LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg))  # the fused CPU kernels where they run
+    # device, precision, and the fused CPU kernels where they run
+    model = runtime.prepare(LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg), cfg.device, cfg.precision)
+    log(runtime.describe(model))
     model.base_model_name_or_path = str(base_dir)
     return model, base_dir
 
@@ -263,7 +268,8 @@ def train_loop(run, stop_after=None, progress=True):
             if run.micro >= len(order):  # end of the epoch
                 run.epoch, run.micro = run.epoch + 1, 0
             if run.step % cfg.save_interval == 0 or run.step == run.total:
-                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "micro": run.micro})
+                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "micro": run.micro},
+                                run.scaler)
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if stop_after is not None and run.step >= stop_after:
                 return False
@@ -272,24 +278,34 @@ def train_loop(run, stop_after=None, progress=True):
 
 def optimizer_step(run, group):
     """Forward/backward over the micro-batches in `group` (lists of example indices), then
-    clipping and one AdamW step. Returns (mean loss over the micro-batches, real tokens)."""
-    cfg, model, opt = run.cfg, run.model, run.opt
+    clipping and one AdamW step. Returns (mean loss over the micro-batches, real tokens).
+    In fp16 the loss is scaled and a step whose gradients are not finite is skipped
+    (run.scaler, torch.amp.GradScaler's rule)."""
+    cfg, model, opt, scaler = run.cfg, run.model, run.opt, run.scaler
     loss_sum, n_tok = 0.0, 0
     for idx in group:
         b = collate([run.data.train_features[i] for i in idx])
         _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
-        opt.backward(loss / len(group))
+        opt.backward(loss / len(group) if scaler is None else scaler.scale_loss(loss / len(group)))
         loss_val = loss.item()
         if not math.isfinite(loss_val):
             raise SystemExit(f"loss is {loss_val} at step {run.step + 1} (epoch {run.epoch + 1}); stopping. "
                              f"The last good checkpoint is {latest_checkpoint(run.out) or 'none'}; try a lower --lr.")
         loss_sum, n_tok = loss_sum + loss_val / len(group), n_tok + count_tokens(b)
-    if cfg.clip > 0:
-        opt.clip_grad_norm(cfg.clip)
-    # Jittor counts backward() calls in n_step; AdamW's bias correction must count
-    # optimizer steps (as torch does), which differ under gradient accumulation.
-    opt.n_step = run.step + 1
-    opt.step()
+    if scaler is None or scaler.unscale_(opt):  # fp16: the gradients / scale, and all finite
+        if cfg.clip > 0:
+            opt.clip_grad_norm(cfg.clip)
+        # Jittor counts backward() calls in n_step; AdamW's bias correction must count
+        # optimizer steps taken (as torch does), which differ under gradient accumulation and
+        # after steps the loss scaler skipped.
+        opt.n_step = run.step + 1 - (scaler.skipped_steps if scaler else 0)
+    else:
+        log(f"step {run.step + 1}: gradients not finite at loss scale {scaler.scale:g}: step skipped")
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)  # skipped when a gradient was not finite
+        scaler.update()
     return loss_sum, n_tok
 
 
