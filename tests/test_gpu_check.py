@@ -3,6 +3,7 @@ every line of it run), tools/gpu_machine.sh's parts that run here, and benchmark
 --device / --precision handling and GPU helpers (nvidia-smi faked)."""
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_cpu_mode_checks_pass(cpu_report):
 def test_cpu_mode_speed_runs_both_frameworks_in_each_precision(cpu_report):
     _, report, table = cpu_report
     runs = [(s["task"], s["precision"], s["batch"]) for s in report["speed"]]
-    assert runs == [("train", "fp32", 4), ("generate", "fp32", 4), ("train", "bf16", 4), ("generate", "bf16", 4)]
+    assert runs == [("train", "fp32", 4), ("generate", "fp32", 4), ("train", "bf16", 4)]
     for s in report["speed"]:
         key = "tokens_per_s" if s["task"] == "train" else "answers_per_s"
         for fw in ("jittor", "torch"):
@@ -71,7 +72,7 @@ def test_time_budget_skips_sections_and_fails(tmp_path):
     r, report, table = run_check(tmp_path, "--budget-s", "0")
     print("\n" + table)
     assert r.returncode == 1 and not report["pass"] and report["checks"] == {} and report["speed"] == []
-    assert report["skipped"][:4] == ["logits", "nan", "generate", "train"] and len(report["skipped"]) == 8
+    assert report["skipped"][:4] == ["logits", "nan", "generate", "train"] and len(report["skipped"]) == 7
     assert "skipped (time budget): logits, nan, generate, train, speed train fp32 batch 4" in table
 
 
@@ -208,7 +209,7 @@ def test_a_failing_check_or_speed_run_is_reported_and_the_others_still_run(tmp_p
     table = (tmp_path / "r.md").read_text()
     print("\n" + table)
     assert called == ["logits", "nan", "generate", "train", "jittor True", "torch True"] and not report["pass"]
-    assert report["speed"][0]["jittor"]["error"].startswith("timed out after 99")
+    assert re.fullmatch(r"timed out after \d+ s", report["speed"][0]["jittor"]["error"])
     assert report["checks"]["nan"] == {"pass": False, "error": "RuntimeError: CUDA error in nan: an illegal memory "
                                                                 "access was encountered"}
     assert "| train | error: RuntimeError: CUDA error in train: an illegal memory access was encountered | False |" in table

@@ -105,6 +105,7 @@ run() {
     [ $rc -eq 0 ] || { tail -n 30 "$out/bringup_cxx17.txt"; return 1; }
   fi
   local left=$((budget - (SECONDS - t0) - 25))
+  if [ $left -lt 60 ]; then echo "only $left s left after the bring-up: gpu_check not started"; return 1; fi
   (cd "$ROOT" && timeout $((left + 20)) python3 gpu_check.py --device cuda --out "$out/gpu_check.json" \
     --train "$BUNDLE/data/train.json" --heldout "$BUNDLE/data/heldout.json" --budget-s "$left") \
     >"$out/gpu_check.log" 2>&1
