@@ -130,6 +130,28 @@ def test_half_stores_only_frozen_base_weights_in_half_and_training_keeps_lora_an
     assert dtypes(base) == want
 
 
+@pytest.mark.parametrize("precision", HALF)
+def test_merge_in_half_keeps_the_weight_dtype_and_the_adapter(precision):
+    """merge() folds the float32 adapter into the half weight and stores it back in half: the
+    merged model is closer to the unmerged one than the base model without the adapter is."""
+    model = runtime.prepare(small_lora_model(), "cpu", precision)
+    ids = jt.array(np.random.default_rng(2).integers(0, 100, (2, 8)).astype(np.int32))
+    before = model(ids).numpy()
+    for m in model.lora_modules.values():  # marked merged without merging: the base model alone
+        m.merged = True
+    base = model(ids).numpy()
+    for m in model.lora_modules.values():
+        m.merged = False
+    model.merge()
+    merged = model(ids).numpy()
+    dtypes_ = {str(m.weight.dtype) for m in model.lora_modules.values()}
+    d_merged, d_base = np.abs(merged - before).max(), np.abs(base - before).max()
+    print(f"\n[{precision}] max |logits - unmerged|: merged {d_merged:.2e}, base without the adapter {d_base:.2e}; "
+          f"weights {dtypes_}")
+    assert dtypes_ == {HALF_DTYPES[precision]} and np.isfinite(merged).all()
+    assert d_merged < d_base / 2
+
+
 def recording_matmul(monkeypatch, accumulate_in_fp32=False):
     """Route every `a @ b` of the model through a wrapper that records (a dtype, b dtype, output).
     accumulate_in_fp32: half products computed in float32 and rounded once, as cuBLAS does
