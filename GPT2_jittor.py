@@ -24,6 +24,7 @@ Model code only: no argument parsing, logging or plotting here.
 """
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -53,15 +54,29 @@ class GPTConfig:
 
     @classmethod
     def from_hf_config(cls, cfg, source="config.json"):
-        """Build from a Hugging Face GPT-2 config.json dict; errors name `source`."""
+        """Build from a Hugging Face GPT-2 config.json dict; every value checked (CONFIG_RANGES),
+        errors are ValueError naming `source`."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         if cfg.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
+            raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r:.80}, expected 'gpt2'")
         act = cfg.get("activation_function", "gelu_new")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"{source}: activation_function {act!r} is not supported "
+        if not isinstance(act, str) or act not in ACTIVATIONS:
+            raise ValueError(f"{source}: activation_function {act!r:.80} is not supported "
                              f"(supported: {', '.join(ACTIVATIONS)})")
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in cfg.items() if k in known})
+        values = {}
+        for f in fields(cls):
+            if f.name not in cfg or f.name == "activation_function":
+                continue
+            v = cfg[f.name]
+            if v is None and f.name.endswith("_token_id"):
+                continue  # transformers writes null for an unset token id: keep GPT-2's
+            kind, accepted, words = CONFIG_RANGES[f.name]
+            if isinstance(v, bool) or not isinstance(v, kind) or (isinstance(v, float) and not math.isfinite(v)) \
+                    or not accepted(v):
+                raise ValueError(f"{source}: {f.name} must be {words}, not {v!r:.80}")
+            values[f.name] = v
+        config = cls(**values, activation_function=act)
         if config.n_embd % config.n_head:
             raise ValueError(f"{source}: n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         return config
@@ -138,6 +153,21 @@ class GELU(nn.Module):
 
 
 ACTIVATIONS = {"gelu_new": NewGELU, "gelu_pytorch_tanh": NewGELU, "gelu": GELU, "relu": nn.ReLU}
+# config.json field -> (type, accepted?, the range in words). The upper bounds are far above any
+# GPT-2 and keep a hostile config from building an absurd model; from_pretrained also checks
+# the config's sizes against the weight file before it builds anything.
+_SIZE = (int, lambda v: 1 <= v <= 2 ** 24, "an integer in [1, 2^24]")
+_PROB = ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
+CONFIG_RANGES = {
+    "n_layer": (int, lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
+    "n_head": (int, lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
+    "n_embd": _SIZE, "n_positions": _SIZE, "vocab_size": _SIZE,
+    "layer_norm_epsilon": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "resid_pdrop": _PROB, "embd_pdrop": _PROB, "attn_pdrop": _PROB,
+    "initializer_range": ((int, float), lambda v: 0 <= v <= 100, "a number in [0, 100]"),
+    "bos_token_id": (int, lambda v: v >= 0, "a token id >= 0"),
+    "eos_token_id": (int, lambda v: v >= 0, "a token id >= 0"),
+}
 
 
 # The score given to masked keys. transformers fills with finfo(float32).min; on a fully
@@ -473,17 +503,31 @@ class GPT(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file}: missing; a GPT-2 folder needs config.json")
         try:
-            config = GPTConfig.from_hf_config(json.loads(config_file.read_text()), source=config_file)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+            raise ValueError(f"{config_file}: not valid JSON ({type(e).__name__}: {e})") from None
+        config = GPTConfig.from_hf_config(raw, source=config_file)
         state, source = read_hf_weights(path)
+        state = strip_transformer_prefix(state)
+        # The sizes config.json claims must be those of the weights before anything is built,
+        # so the model can never be larger than the file (the strict key/shape check follows).
+        layers = {int(k.split(".")[1]) for k in state if re.fullmatch(r"h\.\d+\..+", k)}
+        found = {"wte.weight": state.get("wte.weight"), "wpe.weight": state.get("wpe.weight")}
+        expected = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.n_positions, config.n_embd)}
+        for key, shape in expected.items():
+            if found[key] is None or tuple(found[key].shape) != shape:
+                raise ValueError(f"{source}: {key} has shape {None if found[key] is None else tuple(found[key].shape)}, "
+                                 f"expected {shape} from {config_file}")
+        if layers != set(range(config.n_layer)):
+            raise ValueError(f"{source}: holds blocks {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}, "
+                             f"expected h.0 ... h.{config.n_layer - 1} (n_layer={config.n_layer} in {config_file})")
         model = cls(config)
         model.load_hf_state_dict(state, source)
         return model
 
     def load_hf_state_dict(self, state, source="state dict"):
         """Copy Hugging Face GPT-2 tensors {name: np.ndarray} into the model, strictly."""
-        state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
+        state = strip_transformer_prefix(state)
         state = {k: v for k, v in state.items() if not k.endswith(HF_IGNORED_SUFFIXES)}
         own = self.hf_state_dict()
         missing = sorted(set(own) - set(state))
@@ -513,6 +557,11 @@ class GPT(nn.Module):
 
 # Buffers in Hugging Face checkpoints that are not weights, and the tied LM head.
 HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+def strip_transformer_prefix(state):
+    """GPT2LMHeadModel keys (transformer.h.0...) as GPT2Model keys (h.0...)."""
+    return {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
 
 
 def cross_entropy(logits, targets):

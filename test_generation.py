@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_lora_dataset import SquadExample, encode_prompt, load_squad_json, read_squad
+from mixed_precision import DEVICES, PRECISIONS
 from model_utils import EOS_ID, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
+from train_config import MIN_PROMPT_TOKENS
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "squad_sample.json"  # the project's own questions
 DEMO_BASE = Path("checkpoints/demo/base_model")   # written by `python train_default_lora.py --demo`
@@ -164,9 +166,10 @@ def default_model():
 
 
 def fail(message):
-    """One line on stderr and exit status 2: the library's errors already name the file."""
+    """One line on stderr and exit status 1 (a data error: a missing or malformed model, adapter
+    or data file; the library's errors already name the file). Usage errors exit 2 (argparse)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
 
 
 def snippet(text, n=160):
@@ -198,8 +201,9 @@ if __name__ == "__main__":
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when a usable GPU is there), cpu or cuda")
-    parser.add_argument("--precision", default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto (CUDA when a usable GPU is there), cpu or cuda")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="fp32, tf32 (CUDA), bf16 or fp16 (frozen weights in half); auto: fp32 on the CPU, "
                              "bf16 on CUDA")
     args = parser.parse_args()
@@ -211,6 +215,23 @@ if __name__ == "__main__":
         parser.error("--limit must be at least 1")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--batch-size and --max-new-tokens must be at least 1")
+    if args.max_length < MIN_PROMPT_TOKENS + args.max_new_tokens:
+        parser.error(f"--max-length must be at least {MIN_PROMPT_TOKENS} (the shortest prompt) + --max-new-tokens "
+                     f"= {MIN_PROMPT_TOKENS + args.max_new_tokens}, not {args.max_length}")
+    if not (args.temperature >= 0 and np.isfinite(args.temperature)):
+        parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), not {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top-k must be at least 1, not {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 31:
+        parser.error(f"--seed must be in [0, 2^31), not {args.seed}")
+    import runtime  # imports Jittor: after the checks that need none
+    try:  # tf32 needs CUDA, --device cuda a usable GPU: usage errors (exit 2), before any file is read
+        runtime.resolve(args.device, args.precision)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     demo_mode = args.data is None and args.context is None
     gen = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -241,44 +262,46 @@ if __name__ == "__main__":
         else:
             examples = demo_examples()
         model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         fail(e)
-    import runtime
     print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
           f"; {runtime.describe(model)}", file=sys.stderr)
     gen["max_length"] = min(args.max_length, model.config.n_positions)  # what answer_questions uses; recorded
 
-    # --- one question ----------------------------------------------------------
-    if args.context is not None:
-        print(answer_questions(model, tokenizer, examples, progress=False, **gen)["question"])
+    try:  # a question too long for --max-length, a failed write: one line, exit 1
+        # --- one question ----------------------------------------------------------
+        if args.context is not None:
+            print(answer_questions(model, tokenizer, examples, progress=False, **gen)["question"])
 
-    # --- the demo questions ----------------------------------------------------
-    elif demo_mode:
-        if random_demo:
-            print(f"Note: {model_dir} is the demo's random-initialised base model (no GPT-2 weights here), "
-                  f"so these answers demonstrate the pipeline, not question answering.\n")
-        answers = answer_questions(model, tokenizer, examples, progress=False, **gen)
-        for ex in examples:
-            print(f"context:  {snippet(ex.context)}")
-            print(f"question: {ex.question}")
-            print(f"model:    {answers[ex.id]!r}")
-            print(f"gold:     {ex.answers}\n")
+        # --- the demo questions ----------------------------------------------------
+        elif demo_mode:
+            if random_demo:
+                print(f"Note: {model_dir} is the demo's random-initialised base model (no GPT-2 weights here), "
+                      f"so these answers demonstrate the pipeline, not question answering.\n")
+            answers = answer_questions(model, tokenizer, examples, progress=False, **gen)
+            for ex in examples:
+                print(f"context:  {snippet(ex.context)}")
+                print(f"question: {ex.question}")
+                print(f"model:    {answers[ex.id]!r}")
+                print(f"gold:     {ex.answers}\n")
 
-    # --- a whole file: predictions + official EM/F1 ----------------------------
-    else:
-        predictions = answer_questions(model, tokenizer, examples, progress=not args.no_progress, **gen)
-        output = Path(args.output)
-        scores_path = Path(args.scores) if args.scores else output.with_suffix(".scores.json")
-        atomic_write_json(output, predictions)
-        subset = len(examples) < n_all
-        # With --limit, score over the answered questions only: over the whole file the
-        # unanswered ones would count 0 and the numbers would mean nothing.
-        scores = evaluate_squad(subset_dataset(data, predictions) if subset else data, predictions)
-        report = {**scores, "questions": len(examples), "questions_in_file": n_all, "data": str(args.data),
-                  "model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
-                  "predictions": str(output), "runtime": runtime.describe(model), **gen}
-        atomic_write_json(scores_path, report)
-        if subset:
-            print(f"scored over the first {len(examples)} of {n_all} questions only (--limit), not the whole file")
-        print(json.dumps(scores))
-        print(f"wrote {output} and {scores_path}", file=sys.stderr)
+        # --- a whole file: predictions + official EM/F1 ----------------------------
+        else:
+            predictions = answer_questions(model, tokenizer, examples, progress=not args.no_progress, **gen)
+            output = Path(args.output)
+            scores_path = Path(args.scores) if args.scores else output.with_suffix(".scores.json")
+            atomic_write_json(output, predictions)
+            subset = len(examples) < n_all
+            # With --limit, score over the answered questions only: over the whole file the
+            # unanswered ones would count 0 and the numbers would mean nothing.
+            scores = evaluate_squad(subset_dataset(data, predictions) if subset else data, predictions)
+            report = {**scores, "questions": len(examples), "questions_in_file": n_all, "data": str(args.data),
+                      "model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
+                      "predictions": str(output), "runtime": runtime.describe(model), **gen}
+            atomic_write_json(scores_path, report)
+            if subset:
+                print(f"scored over the first {len(examples)} of {n_all} questions only (--limit), not the whole file")
+            print(json.dumps(scores))
+            print(f"wrote {output} and {scores_path}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(e)
