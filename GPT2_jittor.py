@@ -11,7 +11,10 @@ copy with no transposes, and LoRA adapters in PEFT's format apply unchanged.
     out = model.generate(idx, 20, attention_mask=mask)   # greedy, KV cache, left padding
 
 The code here is the plain formula of every part, and the reference the fast paths are
-tested against. runtime.prepare(model) is the one place that chooses what runs: on CPU
+tested against. It runs in any precision runtime.prepare() chooses: with the frozen weights
+stored in bfloat16/float16, matmul inputs are cast to the weight's dtype, while the
+residual stream, LayerNorm, the attention softmax and the loss stay float32 (as_dtype; a
+no-op in float32). runtime.prepare(model) is the one place that chooses what runs: on CPU
 with oneDNN it swaps in modules whose execute() runs the same formula as a fused kernel
 (cpu_kernels.py) and sets `fused` on the attention layers and the GPT, which then take
 the fused attention, packed training on the real tokens only (execute_packed) and an
@@ -21,6 +24,7 @@ Model code only: no argument parsing, logging or plotting here.
 """
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,11 @@ from model_utils import IGNORE_INDEX, atomic_save_safetensors, atomic_write_json
 # Building blocks: the plain formulas. runtime.py may swap Conv1D, LayerNorm, NewGELU and
 # Dropout for subclasses that compute the same formula with cpu_kernels.
 
+def as_dtype(x, dtype):
+    """x in `dtype`: a cast where mixed precision meets two dtypes, no new op where it does not."""
+    return x if x.dtype == dtype else x.cast(dtype)
+
+
 class Conv1D(nn.Module):
     """Hugging Face's GPT-2 'Conv1D': a linear layer whose weight is stored (in, out)."""
 
@@ -44,7 +53,8 @@ class Conv1D(nn.Module):
         self.bias = jt.zeros((nf,), "float32")
 
     def execute(self, x):
-        return x @ self.weight + self.bias  # (..., in) @ (in, out): one 2-D matmul in Jittor
+        # (..., in) @ (in, out): one 2-D matmul in Jittor, in the (possibly half) weight's dtype
+        return as_dtype(x, self.weight.dtype) @ self.weight + self.bias
 
 
 class LayerNorm(nn.Module):
@@ -59,6 +69,7 @@ class LayerNorm(nn.Module):
         self.bias = jt.zeros((n,), "float32")
 
     def execute(self, x):
+        x = as_dtype(x, "float32")  # statistics in float32 whatever the activations' dtype
         xc = x - x.mean(-1, keepdims=True)
         var = (xc * xc).mean(-1, keepdims=True)
         return xc / jt.sqrt(var + self.eps) * self.weight + self.bias
@@ -73,19 +84,32 @@ class NewGELU(nn.Module):
     """
 
     def execute(self, x):
+        # in float32 (in half, x*x*x overflows float16 from |x| = 41), returned in x's dtype
+        dtype, x = x.dtype, as_dtype(x, "float32")
         u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
-        return 0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0)))
+        return as_dtype(0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0))), dtype)
 
 
 class GELU(nn.Module):
     """The exact GELU, x Phi(x) (transformers' "gelu")."""
 
     def execute(self, x):
-        return 0.5 * x * (1.0 + jt.erf(x / math.sqrt(2.0)))
+        dtype, x = x.dtype, as_dtype(x, "float32")
+        return as_dtype(0.5 * x * (1.0 + jt.erf(x / math.sqrt(2.0))), dtype)
 
 
 ACTIVATIONS = {"gelu_new": NewGELU, "gelu_pytorch_tanh": NewGELU, "gelu": GELU, "relu": nn.ReLU}
 assert tuple(ACTIVATIONS) == ACTIVATION_FUNCTIONS  # the names GPTConfig accepts
+
+
+# The score given to masked keys. transformers fills with finfo(float32).min; on a fully
+# masked row (the query of a left pad) every softmax must then give uniform weights, but
+# Jittor's CUDA softmax starts its running maximum at -1e30, so such a row becomes
+# exp(-3.4e38 + 1e30) = 0 everywhere and 0/0 = NaN, which a zero weight in P V then carries
+# into the real positions of the next layer. -1e9 lies far above that floor (a fully masked
+# row is uniform in every softmax) and far below any real score (exp(-1e9 - s) is exactly 0,
+# as with transformers' fill). It is a float32 value: the scores are masked in float32.
+MASK_FILL = -1e9
 
 
 def causal_attention(q, k, v, key_mask, attn_drop):
@@ -93,20 +117,20 @@ def causal_attention(q, k, v, key_mask, attn_drop):
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) where the last Tq keys are the queries' own
     positions (Tk = cached + new). key_mask: (B, Tk) with 1 for real tokens, or None.
+    The scores, mask and softmax are float32 whatever the dtype of q, k, v.
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
+    att = as_dtype(q @ k.transpose(0, 1, 3, 2), "float32") * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
     # query i (absolute position Tk - Tq + i) may look at keys j <= Tk - Tq + i
     allowed = (jt.arange(Tk).reshape(1, Tk) <= jt.arange(Tq).reshape(Tq, 1) + (Tk - Tq))
     allowed = allowed.reshape(1, 1, Tq, Tk)
     if key_mask is not None:
         allowed = allowed & (key_mask.reshape(B, 1, 1, Tk) > 0)
-    # Replace (not add) with the most negative float, as transformers does: a fully masked
-    # row (a left-padding query) then gets uniform weights instead of NaN.
-    att = jt.where(allowed, att, jt.float32(np.finfo(np.float32).min))
+    # Replace (not add), as transformers does: a fully masked row gets uniform weights.
+    att = jt.where(allowed, att, jt.float32(MASK_FILL))
     att = attn_drop(nn.softmax(att, dim=-1))
-    return att @ v  # (B, H, Tq, D)
+    return as_dtype(att, v.dtype) @ v  # (B, H, Tq, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -262,7 +286,8 @@ class GPT(nn.Module):
                                  f"expected {(B, T_past + T)} (past + new tokens)")
             mask = attention_mask.int32()
             pos = jt.where(mask > 0, jt.cumsum(mask, dim=1) - 1, jt.int32(1))[:, T_past:]  # pads: any valid index
-        return self.drop(self.wte(idx) + self.wpe(pos))
+        # the residual stream is float32 (the tables may be stored in half)
+        return self.drop(as_dtype(self.wte(idx), "float32") + as_dtype(self.wpe(pos), "float32"))
 
     def _check_length(self, n_tokens):
         if n_tokens > self.config.n_positions:
@@ -270,11 +295,12 @@ class GPT(nn.Module):
                              f"n_positions={self.config.n_positions}")
 
     def lm_head(self, h):
-        """Logits from hidden states: the head is tied to the token embedding (wte)."""
+        """Float32 logits from hidden states: the head is tied to the token embedding (wte)."""
         flat = h.reshape(-1, h.shape[-1])
         if self.fused:  # h @ wte^T without a transposed copy of the (vocab, C) table (154 MB for GPT-2)
             return cpu_kernels.matmul(flat, self.wte.weight, trans_b=True).reshape(*h.shape[:-1], -1)
-        return (flat @ self.wte.weight.t()).reshape(*h.shape[:-1], -1)
+        w = self.wte.weight
+        return as_dtype(as_dtype(flat, w.dtype) @ w.t(), "float32").reshape(*h.shape[:-1], -1)
 
     def supervised_hidden(self, idx, targets, attention_mask):
         """(final hidden states, targets) at the supervised positions, in row-major (b, t) order."""
@@ -409,17 +435,31 @@ class GPT(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file}: missing; a GPT-2 folder needs config.json")
         try:
-            config = GPTConfig.from_hf_config(json.loads(config_file.read_text()), source=config_file)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+            raise ValueError(f"{config_file}: not valid JSON ({type(e).__name__}: {e})") from None
+        config = GPTConfig.from_hf_config(raw, source=config_file)
         state, source = read_hf_weights(path)
+        state = strip_transformer_prefix(state)
+        # The sizes config.json claims must be those of the weights before anything is built,
+        # so the model can never be larger than the file (the strict key/shape check follows).
+        layers = {int(k.split(".")[1]) for k in state if re.fullmatch(r"h\.\d+\..+", k)}
+        found = {"wte.weight": state.get("wte.weight"), "wpe.weight": state.get("wpe.weight")}
+        expected = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.n_positions, config.n_embd)}
+        for key, shape in expected.items():
+            if found[key] is None or tuple(found[key].shape) != shape:
+                raise ValueError(f"{source}: {key} has shape {None if found[key] is None else tuple(found[key].shape)}, "
+                                 f"expected {shape} from {config_file}")
+        if layers != set(range(config.n_layer)):
+            raise ValueError(f"{source}: holds blocks {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}, "
+                             f"expected h.0 ... h.{config.n_layer - 1} (n_layer={config.n_layer} in {config_file})")
         model = cls(config)
         model.load_hf_state_dict(state, source)
         return model
 
     def load_hf_state_dict(self, state, source="state dict"):
         """Copy Hugging Face GPT-2 tensors {name: np.ndarray} into the model, strictly."""
-        state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
+        state = strip_transformer_prefix(state)
         state = {k: v for k, v in state.items() if not k.endswith(HF_IGNORED_SUFFIXES)}
         own = self.hf_state_dict()
         missing = sorted(set(own) - set(state))
@@ -451,8 +491,15 @@ class GPT(nn.Module):
 HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
 
+def strip_transformer_prefix(state):
+    """GPT2LMHeadModel keys (transformer.h.0...) as GPT2Model keys (h.0...)."""
+    return {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
+
+
 def cross_entropy(logits, targets):
-    """Mean cross-entropy of logits (N, V) against class indices (N,), with a stable log-sum-exp."""
+    """Mean cross-entropy of logits (N, V) against class indices (N,), with a stable log-sum-exp,
+    in float32."""
+    logits = as_dtype(logits, "float32")
     m = logits.max(1, keepdims=True)
     lse = (logits - m).exp().sum(1).log() + m.reshape(-1)
     picked = logits.reindex([logits.shape[0]], ["i0", f"@e0(i0)"], extras=[targets])

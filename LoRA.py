@@ -19,13 +19,17 @@
   nothing merges as a side effect of eval() (a loralib pitfall).
 
 execute() is the plain formula; on CPU, runtime.py swaps in cpu_kernels' fused version of it
-(the base product, bias and both LoRA products as one kernel).
+(the base product, bias and both LoRA products as one kernel). In mixed precision the frozen
+W is stored in half and A, B stay float32 (they train): the input is cast to W's dtype and A,
+B are cast to it for their products (as torch.autocast does), so their gradients arrive in
+float32 through the casts.
 """
 import math
 from dataclasses import dataclass, field
 
 from jittor_env import jt
 from jittor import nn
+from GPT2_jittor import as_dtype
 import init_weights
 
 
@@ -104,18 +108,20 @@ class LoRALinear(nn.Module):
 
     def execute(self, x):
         # y = x W + b + scaling * dropout(x) A^T B^T   (Hu et al. eq. 3; PEFT's LoRA forward)
+        x = as_dtype(x, self.weight.dtype)  # matmul inputs of one dtype: the frozen weight's
         if not self.r or self.merged:
             return x @ self.weight + self.bias
-        return x @ self.weight + self.bias + (self.lora_dropout(x) @ self.lora_A.t() @ self.B_full().t()) * self.scaling
+        A, B = as_dtype(self.lora_A, x.dtype), as_dtype(self.B_full(), x.dtype)
+        return x @ self.weight + self.bias + (self.lora_dropout(x) @ A.t() @ B.t()) * self.scaling
 
     def merge(self):
         if self.r and not self.merged:
             with jt.no_grad():
-                self.weight.update((self.weight + self.delta_weight()).detach())
+                self.weight.update(as_dtype(self.weight + self.delta_weight(), self.weight.dtype).detach())
             self.merged = True
 
     def unmerge(self):
         if self.r and self.merged:
             with jt.no_grad():
-                self.weight.update((self.weight - self.delta_weight()).detach())
+                self.weight.update(as_dtype(self.weight - self.delta_weight(), self.weight.dtype).detach())
             self.merged = False

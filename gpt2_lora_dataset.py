@@ -73,9 +73,27 @@ def load_squad_json(path):
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise SquadFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise SquadFormatError(f"{path}: JSON nested too deeply to be SQuAD") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
         raise SquadFormatError(f"{path}: no top-level 'data' list; not a SQuAD v1.1 file")
     return obj["data"]
+
+
+def _shown(value, n=80):
+    """A file's value inside a one-line error message: short, with line breaks, control
+    characters and lone surrogates escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode()
+                   for c in str(value)[:n])
+
+
+def _is_text(s):
+    """A str the tokenizer can take: encodable as UTF-8 (JSON's \\ud800 escapes give lone surrogates)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _check_question(qa, context, seen_ids):
@@ -83,8 +101,15 @@ def _check_question(qa, context, seen_ids):
     missing = [k for k in ("id", "question", "answers") if k not in qa]
     if missing:
         return "missing key(s) " + ", ".join(repr(k) for k in missing)
+    if not _is_text(context):
+        return "its context is not valid Unicode (a lone surrogate)"
+    qid = qa["id"]
+    if not ((isinstance(qid, str) and qid.strip() and _is_text(qid)) or type(qid) is int):
+        return "the id is not a non-empty string"
     if not isinstance(qa["question"], str) or not qa["question"].strip():
         return "empty question"
+    if not _is_text(qa["question"]):
+        return "the question is not valid Unicode (a lone surrogate)"
     if str(qa["id"]) in seen_ids:  # the metric keys predictions by id, so ids must be unique
         return "duplicate question id"
     answers = qa["answers"]
@@ -96,8 +121,10 @@ def _check_question(qa, context, seen_ids):
             return "an answer lacks 'text' or 'answer_start'"
         if not a["text"].strip():
             return "empty answer text"
+        if not _is_text(a["text"]):
+            return "an answer is not valid Unicode (a lone surrogate)"
         if a["text"] not in context:
-            return f"answer {a['text']!r} not found in its context"
+            return f"answer {_shown(repr(a['text']))} not found in its context"
         texts.append(a["text"])
     # Real SQuAD files have a few shifted answer_start values; the text is what counts, so
     # fall back to its first occurrence in the context.
@@ -122,14 +149,14 @@ def read_squad(path, skip_bad=False):
         for j, para in enumerate(article["paragraphs"]):
             if not isinstance(para, dict) or not isinstance(para.get("context"), str) \
                     or not isinstance(para.get("qas"), list):
-                raise SquadFormatError(f"{path}: article '{title}', paragraph {j} lacks 'context' or a 'qas' list")
+                raise SquadFormatError(f"{path}: article '{_shown(title)}', paragraph {j} lacks 'context' or a 'qas' list")
             context = para["context"]
             for k, qa in enumerate(para["qas"]):
                 checked = _check_question(qa, context, seen_ids) if isinstance(qa, dict) else "not an object"
                 if isinstance(checked, str):
                     qid = qa.get("id", f"#{k} of paragraph {j}") if isinstance(qa, dict) else f"#{k} of paragraph {j}"
                     if not skip_bad:
-                        raise SquadFormatError(f"{path}: article '{title}', question {qid}: {checked}")
+                        raise SquadFormatError(f"{path}: article '{_shown(title)}', question {_shown(qid)}: {checked}")
                     n_skipped += 1
                     continue
                 qid, question, texts, start = checked
@@ -289,6 +316,8 @@ def encode_example(tokenizer, ex, max_length=512, loss_on="answer"):
 
 def encode_dataset(tokenizer, examples, max_length=512, loss_on="answer"):
     """(features, n_truncated). Tokenizes in batches and each paragraph once (SQuAD has ~5 questions each)."""
+    if not examples:
+        return [], 0  # the tokenizer fails on an empty batch
     contexts = list(dict.fromkeys(ex.context for ex in examples))
     encoded = dict(zip(contexts, _encode_contexts(tokenizer, contexts)))
     head = _ids(tokenizer, [PROMPT_HEAD])[0]

@@ -61,15 +61,16 @@ def save_random_gpt2(path, config, seed):
     atomic_write_json(path / "config.json", config.to_hf_config())
 
 
-def base_model_dir(cfg, out, log):
+def base_model_dir(cfg, out, log, save=save_random_gpt2):
     """The base GPT-2 folder of a run (a train_config.TrainConfig writing into `out`): --model,
-    or with --random-base a random GPT-2 drawn into out/base_model (once; kept on --resume)."""
+    or with --random-base a random GPT-2 drawn into out/base_model by save(folder, config, seed)
+    (once; kept on --resume)."""
     if not cfg.random_base:
         return ensure_gpt2(cfg.model)
     base_dir = out / "base_model"
     config = GPTConfig(**parse_shape(cfg.random_base))
-    if not (base_dir / "model.safetensors").is_file():
-        save_random_gpt2(base_dir, config, cfg.seed)
+    if not ((base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file()):
+        save(base_dir, config, cfg.seed)
     log(f"NOTE: the base model in {base_dir} is a RANDOM-initialised GPT-2 ({cfg.random_base}), "
         f"not pretrained GPT-2: this run shows the pipeline working end to end; it cannot "
         f"answer questions the way a pretrained GPT-2 + LoRA does.")

@@ -16,6 +16,7 @@ and rank_pattern / alpha_pattern entries for c_attn so its scaling is unchanged.
 back as that (equivalent) full-c_attn adapter.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def pattern_value(patterns, name, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def gpt_projections(gpt):
+    """(name, parent module, attribute, module) for every Conv1D/LoRALinear projection of a GPT."""
+    for i, block in enumerate(gpt.h):
+        for sub_name, sub in (("attn", block.attn), ("mlp", block.mlp)):
+            for attr in ("c_attn", "c_proj", "c_fc"):
+                module = getattr(sub, attr, None)
+                if isinstance(module, (Conv1D, LoRALinear)):
+                    yield f"h.{i}.{sub_name}.{attr}", sub, attr, module
 
 
 def target_matches(name, targets):
@@ -78,13 +89,7 @@ class LoRAGPT(nn.Module):
             runtime.prepare(self)
 
     def _projections(self):
-        """(name, parent module, attribute, module) for every Conv1D/LoRALinear projection."""
-        for i, block in enumerate(self.model.h):
-            for sub_name, sub in (("attn", block.attn), ("mlp", block.mlp)):
-                for attr in ("c_attn", "c_proj", "c_fc"):
-                    module = getattr(sub, attr, None)
-                    if isinstance(module, (Conv1D, LoRALinear)):
-                        yield f"h.{i}.{sub_name}.{attr}", sub, attr, module
+        return gpt_projections(self.model)
 
     # --- what trains ------------------------------------------------------------
 
@@ -222,16 +227,30 @@ class LoRAGPT(nn.Module):
     @classmethod
     def from_pretrained(cls, base, adapter_dir, dropout=None):
         """Base GPT-2 (a folder or a GPT) + an adapter folder saved by PEFT or by us."""
+        config = read_adapter_config(Path(adapter_dir))  # the cheap checks first
         base_model = base if isinstance(base, GPT) else GPT.from_pretrained(base)
-        config = read_adapter_config(Path(adapter_dir))
-        lora_config = LoRAConfig(
-            r=int(config["r"]), alpha=config["lora_alpha"],
-            dropout=config.get("lora_dropout", 0.0) if dropout is None else dropout,
-            target_modules=tuple(config["target_modules"]), use_rslora=bool(config.get("use_rslora", False)),
-            init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
-            rank_pattern=dict(config.get("rank_pattern") or {}),
-            alpha_pattern=dict(config.get("alpha_pattern") or {}))
-        model = cls(base_model, lora_config)
+        # Every adapter's rank in the config must be the rank of its tensors before anything is
+        # built, so no config can make the model larger than the weight file (load_lora_weights
+        # then checks every key and shape).
+        tensors, file = read_adapter_tensors(Path(adapter_dir)), Path(adapter_dir) / ADAPTER_WEIGHTS
+        for name, *_ in gpt_projections(base_model):
+            if target_matches(name, config["target_modules"]):
+                r = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+                A = tensors.get(f"{name}.lora_A")
+                if A is None or A.ndim != 2 or A.shape[0] != r:
+                    raise ValueError(f"{file}: {name}.lora_A is {'missing' if A is None else tuple(A.shape)}, "
+                                     f"expected rank {r} from {ADAPTER_CONFIG}")
+        try:
+            lora_config = LoRAConfig(
+                r=config["r"], alpha=config["lora_alpha"],
+                dropout=(config.get("lora_dropout") or 0.0) if dropout is None else dropout,
+                target_modules=tuple(config["target_modules"]), use_rslora=config.get("use_rslora", False),
+                init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+                rank_pattern=dict(config.get("rank_pattern") or {}),
+                alpha_pattern=dict(config.get("alpha_pattern") or {}))
+            model = cls(base_model, lora_config)
+        except ValueError as e:  # e.g. target modules this base does not have
+            raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: {e}") from None
         model.base_model_name_or_path = config.get("base_model_name_or_path")
         return model.load_lora_weights(adapter_dir)
 
@@ -242,21 +261,56 @@ def read_adapter_config(path):
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; an adapter folder holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}")
     try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ValueError(f"{file}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; only LoRA adapters (\"LORA\") are supported")
+        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r:.80}; only LoRA adapters (\"LORA\") "
+                         f"are supported")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ValueError(f"{file}: no {key!r} field")
     if isinstance(config["target_modules"], str):
-        raise ValueError(f"{file}: target_modules is a regular expression ({config['target_modules']!r}); "
+        raise ValueError(f"{file}: target_modules is a regular expression ({config['target_modules']!r:.80}); "
                          f"only a list of module names is supported")
     for key, default in PEFT_UNSUPPORTED.items():
         if config.get(key, default) not in (default, [], {}):
-            raise ValueError(f"{file}: {key}={config[key]!r} is not supported (only plain LoRA, {key}={default!r})")
+            raise ValueError(f"{file}: {key}={config[key]!r:.80} is not supported (only plain LoRA, {key}={default!r})")
+
+    def bad(key, words):
+        raise ValueError(f"{file}: {key} must be {words}, not {config[key]!r:.80}")
+    if not is_rank(config["r"]):
+        bad("r", "an integer >= 1")
+    if not is_number(config["lora_alpha"]):
+        bad("lora_alpha", "a finite number")
+    if config.get("lora_dropout") is not None and not (is_number(config["lora_dropout"]) and 0 <= config["lora_dropout"] < 1):
+        bad("lora_dropout", "a number in [0, 1)")
+    if not (isinstance(config["target_modules"], list) and config["target_modules"]
+            and all(isinstance(t, str) and t for t in config["target_modules"])):
+        bad("target_modules", "a non-empty list of module names")
+    if not isinstance(config.get("use_rslora", False), bool):
+        bad("use_rslora", "true or false")
+    for key, value_ok, words in (("rank_pattern", is_rank, "integers >= 1"), ("alpha_pattern", is_number, "finite numbers")):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(value_ok(v) for v in patterns.values()):
+            bad(key, f"an object of module-name patterns to {words}")
+        for pattern in patterns:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"{file}: {key} key {pattern!r:.80} is not a regular expression ({e})") from None
     return config
+
+
+def is_rank(v):
+    return type(v) is int and v >= 1
+
+
+def is_number(v):
+    """A JSON number that is a finite float (a huge integer would overflow the float maths)."""
+    return (type(v) is int and abs(v) <= 2 ** 53) or (type(v) is float and math.isfinite(v))
 
 
 def read_adapter_tensors(path):

@@ -29,21 +29,26 @@ def atomic_write(path, write_fn, mode="w"):
     """Call write_fn(file) on a temporary file next to `path`, then rename it over `path`.
 
     os.replace is atomic on POSIX, so readers see the old file or the new one, never a mix.
+    An OSError (a full disk, no permission) names `path`, not the temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(path)
         raise
 
 

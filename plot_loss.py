@@ -41,13 +41,20 @@ ZERO_FLOOR = 1e-9                 # a relative difference of 0 is drawn here on 
 
 
 def read_loss_file(path):
-    """(steps, losses) from a loss file; ValueError naming file and line if malformed."""
+    """(steps, losses) from a loss file; ValueError naming file and line if malformed.
+
+    Every record ends with a newline, so a last line without one is torn (a power cut or a
+    full disk mid-write, or a run writing it right now): skipped with a warning on stderr.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     steps, losses = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
+            if not line.endswith("\n"):
+                print(f"warning: {path}:{lineno}: torn last line {line!r} skipped", file=sys.stderr)
+                break
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue

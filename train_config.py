@@ -5,8 +5,11 @@ from it, and the learning-rate schedule. No Jittor and no PyTorch here.
 import argparse
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from mixed_precision import DEVICES, PRECISIONS
 
 # ----------------------------------------------------------------------------
 # Configuration: the seed's defaults (r=8, alpha=16, dropout 0.1, lr 5e-4, 3 epochs,
@@ -28,7 +31,7 @@ class TrainConfig:
                                   "downloaded when online; with --demo: a fifth of the training file's articles)")
     output_dir: str = option("checkpoints/gpt2_lora_squad", "where logs, checkpoints, the adapter and predictions go")
     # LoRA
-    r: int = option(8, "LoRA rank (0 = no adapter)")
+    r: int = option(8, "LoRA rank")
     alpha: float = option(16, "LoRA alpha: scaling = alpha / r")
     dropout: float = option(0.1, "dropout on the LoRA input (0 = off)")
     targets: str = option("c_attn,c_proj,c_fc", "comma-separated module names (PEFT suffix rule)")
@@ -47,6 +50,11 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many optimizer steps (0 = all epochs)")
     max_train_examples: int = option(0, "use only the first N training questions (0 = all; the seed used 100)")
     seed: int = option(42, "seed for data order, LoRA init and dropout")
+    # where it runs (mixed_precision.py)
+    device: str = option("auto", "auto (CUDA when a usable GPU is there, else the CPU), cpu or cuda")
+    precision: str = option("auto", "fp32; tf32 (CUDA); bf16 or fp16: frozen base weights in half, LoRA, AdamW, "
+                                    "LayerNorm, softmax and loss in float32, fp16 with dynamic loss scaling; "
+                                    "auto: fp32 on the CPU, bf16 on CUDA")
     # data
     max_length: int = option(512, "longest example in tokens; longer contexts are cut around the answer")
     loss_on: str = option("answer", "'answer': loss on answer tokens only; 'all': on every token (the seed's way)")
@@ -75,10 +83,76 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       dropout=0.0, lr=5e-3, epochs=40, batch_size=8, warmup_steps=10, max_length=256,
                       eval_interval=20, save_interval=60, eval_examples=64, gen_eval_examples=16,
                       train_gen_eval_examples=16, max_new_tokens=12)
-RESUME_MAY_CHANGE = {"max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
+RESUME_MAY_CHANGE = {"device", "max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
                      "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens"}
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
-                "max_new_tokens")
+                "max_new_tokens", "r", "eval_examples")
+
+
+# ----------------------------------------------------------------------------
+# Accepted values. check() refuses anything else with one line that names the option and
+# the accepted range. Exit codes of the scripts: 2 for a usage error (UsageError: a value or
+# a combination of options that cannot work), 1 for a data error (a file that is missing,
+# malformed or damaged, a failed write).
+
+class UsageError(ValueError):
+    """A command-line value or combination of options that cannot work (exit code 2)."""
+
+
+# Tokens of the shortest possible training example: "Context:" (2) + one context token +
+# "\nQuestion: <one token>\nAnswer:" (7) = a 10-token prompt, then one answer token (the
+# eos is only a target). tests/test_config_checks.py measures both with the tokenizer.
+MIN_PROMPT_TOKENS = 10
+MIN_MAX_LENGTH = MIN_PROMPT_TOKENS + 1
+CHOICES = {"init": ("kaiming", "gaussian"), "schedule": ("cosine", "linear", "constant"),
+           "loss_on": ("answer", "all"), "device": DEVICES, "precision": PRECISIONS}
+# What the targets may name: GPT-2's projections, alone or with their parents (PEFT's suffix
+# rule), e.g. c_attn, mlp.c_proj, h.0.attn.c_attn.
+TARGET_NAME = re.compile(r"((h\.)?\d+\.)?(((attn\.)?c_attn)|((attn|mlp)\.)?c_proj|((mlp\.)?c_fc))")
+# name -> (accepted?, the range in words); floats must also be finite.
+RANGES = {
+    **{name: (lambda v: v >= 1, "at least 1") for name in AT_LEAST_ONE},
+    **{name: (lambda v: v >= 0, ">= 0") for name in ("warmup_steps", "weight_decay", "clip", "max_steps",
+                                                     "max_train_examples", "keep_checkpoints",
+                                                     "gen_eval_examples", "train_gen_eval_examples")},
+    "alpha": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    # Jittor's seed is 31 bits and the loop reseeds with seed * 100003 + step (mod 2^31).
+    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
+}
+
+
+def check(cfg):
+    """Raise UsageError (one line: the option, the accepted range, the value given) unless
+    every value of `cfg` can work. Runs before anything is read or written."""
+    def bad(name, accepted, value):
+        raise UsageError(f"--{name.replace('_', '-')} must be {accepted}, not {value!r}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None and f.default is None:
+            continue
+        if f.type is float and not isinstance(value, bool) and isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                bad(f.name, "a finite number", value)
+        elif not isinstance(value, f.type) or (f.type is int and isinstance(value, bool)):
+            bad(f.name, f"of type {f.type.__name__}", value)
+        if f.name in RANGES and not RANGES[f.name][0](value):
+            bad(f.name, RANGES[f.name][1], value)
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            bad(f.name, " or ".join(CHOICES[f.name]), value)
+    targets = [t.strip() for t in cfg.targets.split(",")]
+    if not all(TARGET_NAME.fullmatch(t) for t in targets):
+        bad("targets", "a comma-separated list of GPT-2 projections (c_attn, c_proj, c_fc, attn.c_proj, "
+                       "mlp.c_proj, optionally with a layer, e.g. h.0.attn.c_attn)", cfg.targets)
+    if cfg.max_length < MIN_MAX_LENGTH:
+        bad("max_length", f"at least {MIN_MAX_LENGTH} (the shortest prompt + answer)", cfg.max_length)
+    if (cfg.gen_eval_examples or cfg.train_gen_eval_examples) \
+            and cfg.max_new_tokens > cfg.max_length - MIN_PROMPT_TOKENS:
+        bad("max_new_tokens", f"at most --max-length - {MIN_PROMPT_TOKENS} = {cfg.max_length - MIN_PROMPT_TOKENS} "
+                              f"(room for the shortest prompt)", cfg.max_new_tokens)
+    if not cfg.output_dir:
+        bad("output_dir", "a folder name", cfg.output_dir)
 
 
 def parse_args(argv=None, description="Fine-tune GPT-2 with LoRA on SQuAD v1.1 (loss on the answer tokens only)."):
@@ -104,15 +178,22 @@ def parse_args(argv=None, description="Fine-tune GPT-2 with LoRA on SQuAD v1.1 (
         out = given["output_dir"] if "output_dir" in given else base.get("output_dir", TrainConfig.output_dir)
         saved = Path(out) / "config.json"
         if saved.is_file():
-            base = json.loads(saved.read_text())
+            base = read_saved_config(saved)
     return TrainConfig(**{**base, **given}), args.resume
 
 
-def check_config(cfg):
-    """Refuse a 0 where it has no meaning: 0 means "off" or "all" only where the help says so."""
-    for name in AT_LEAST_ONE:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+def read_saved_config(path):
+    """A run's config.json as a dict of TrainConfig fields; ValueError naming the file otherwise."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read as this run's settings ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a JSON object of settings")
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown} (written by another version of this script?)")
+    return saved
 
 
 # ----------------------------------------------------------------------------

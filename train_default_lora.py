@@ -9,9 +9,16 @@ Ready to paste:
 
 Writes into --output-dir: config.json (this run's settings), train_loss.txt / val_loss.txt
 (step<TAB>loss), metrics.jsonl, adapter-step0/ (the starting adapter), checkpoint-<step>/
-(PEFT adapter + optimizer state, written atomically), adapter/ (the final PEFT-format
-adapter), base_model/ (with --random-base), predictions.json and scores.json
-(SQuAD EM/F1 by greedy generation), curves.png.
+(PEFT adapter + optimizer state, written atomically, with checksums), adapter/ (the final
+PEFT-format adapter), base_model/ (with --random-base), predictions.json and scores.json
+(SQuAD EM/F1 by greedy generation), curves.png; .lock while it runs.
+
+A run killed at any moment continues with --resume and ends with exactly the adapter and
+logs of an uninterrupted run; --resume after training finished redoes only the final phase.
+Ctrl-C / SIGTERM save a checkpoint at the end of the step and stop. Exit codes: 0 done,
+1 data error (a missing, malformed or damaged file; a failed write; the folder in use),
+2 usage error (a value out of range, --resume with nothing to resume or other settings),
+130 / 143 stopped by SIGINT / SIGTERM. See train_state.py for how.
 
 train() runs three phases: prepare() (checks, model, data, optimizer, restore), train_loop()
 (one flat loop: data, lr, forward/backward, log, eval, checkpoint) and finish() (the final
@@ -22,28 +29,31 @@ adapter, EM/F1, curves).
 # its first import on a machine compiles Jittor's core (minutes, then cached).
 import json
 import math
-import shutil
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from jittor_env import jt
 from GPT2_jittor import GPT
-from init_weights import base_model_dir
+from gpt2_config import parse_shape
+from init_weights import base_model_dir, save_random_gpt2
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
+from mixed_precision import LossScaler
 import runtime
 from gpt2_lora_dataset import Data, batches, collate, count_tokens, load_data
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import score_run
-from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, check_config, learning_rate,
-                          parse_args, total_steps)
-from train_state import (append_line, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
-                         truncate_log)
+from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, check, learning_rate,
+                          parse_args, read_saved_config, total_steps)
+from train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, clear_folder, latest_checkpoint,
+                         list_checkpoints, prune_checkpoints, remove_leftovers, replace_folder, restore_checkpoint,
+                         save_checkpoint, stop_at, truncate_log, writing)
 
 # ----------------------------------------------------------------------------
 # Small pieces
@@ -78,16 +88,21 @@ class Run:
     opt: object               # jt.optim.AdamW over the LoRA tensors
     data: Data
     total: int                # optimizer steps of the whole run
+    scaler: LossScaler = None # fp16: dynamic loss scaling (None in other precisions)
     step: int = 0             # optimizer steps done
     epoch: int = 0            # the epoch the next step is in (0-based)
     micro: int = 0            # micro-batches of that epoch done
+    stop: StopSignals = field(default_factory=StopSignals)  # set by Ctrl-C / SIGTERM while train() runs
 
 
 def prepare(cfg, resume):
-    """Checks, then everything the first step needs; a resumed run continues from its last checkpoint."""
-    check_config(cfg)
+    """Everything the first step needs (cfg checked, the folder locked); a resumed run continues
+    from its newest good checkpoint."""
     out = open_output_dir(cfg, resume)
     model, base_dir = build_model(cfg, out)
+    if cfg.max_length > model.config.n_positions:
+        raise UsageError(f"--max-length must be at most the base model's n_positions = {model.config.n_positions}, "
+                         f"not {cfg.max_length}")
     tokenizer = load_tokenizer(base_dir)
     data = load_data(cfg, tokenizer)
     model.print_trainable_parameters()
@@ -96,58 +111,77 @@ def prepare(cfg, resume):
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8,
                          betas=(0.9, 0.999))
     total = total_steps(cfg, len(batches(data.train_features, cfg.batch_size, cfg.seed, 0, bucket=cfg.bucket)))
-    run = Run(cfg, out, model, tokenizer, opt, data, total)
+    scaler = LossScaler() if runtime.precision_of(model) == "fp16" else None
+    run = Run(cfg, out, model, tokenizer, opt, data, total, scaler)
     restore(run, resume)
     if run.step == 0:  # the starting point, to compare with another run's (train_pytorch_lora.py)
-        model.save_lora_weights(out / "adapter-step0")
+        with writing(out / ".tmp-adapter-step0"):
+            model.save_lora_weights(out / ".tmp-adapter-step0")
+        replace_folder(out / ".tmp-adapter-step0", out / "adapter-step0")
     return run
 
 
 def restore(run, resume):
-    """Resuming: the weights, AdamW moments and data position of the last checkpoint. Either
-    way the logs are left holding only the steps done (a resumed run re-does later ones)."""
-    ckpt = latest_checkpoint(run.out) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, run.model, run.opt)
+    """Resuming: the weights, AdamW moments and data position of the newest good checkpoint
+    (damaged ones are reported and skipped), and in fp16 the loss scale. Either way the logs
+    are left holding only the steps done (a resumed run re-does later ones)."""
+    state = restore_checkpoint(run.out, run.model, run.opt, log, run.scaler) if resume else None
+    if state is not None:
         run.step, run.epoch, run.micro = state["step"], state["epoch"], state["micro"]
-        log(f"resumed from {ckpt} (step {run.step}, epoch {run.epoch + 1})")
-    for name in ("train_loss.txt", "val_loss.txt", "metrics.jsonl"):
+    elif resume:
+        log(f"{run.out}: no checkpoint yet; starting again from step 0")
+    for name in LOGS:
         if run.step == 0:
-            (run.out / name).unlink(missing_ok=True)
+            with writing(run.out / name):
+                (run.out / name).unlink(missing_ok=True)
         else:
-            truncate_log(run.out / name, run.step, is_json=name.endswith(".jsonl"))
+            truncate_log(run.out / name, run.step, is_json=name.endswith(".jsonl"), warn=log)
+    stop_at("restored", run.step)
 
 
 def open_output_dir(cfg, resume):
-    """The output folder with this run's config.json; a resumed run must be the same run, and
-    a new run must not mix with an old run's checkpoints."""
+    """The (locked) output folder with this run's config.json; a resumed run must be the same
+    run, and a new run must not mix with an old run's checkpoints."""
     out = Path(cfg.output_dir)
-    if cfg.demo and not resume and out == Path(DEMO_OVERRIDES["output_dir"]) and out.exists():
-        shutil.rmtree(out)  # `make demo` twice: the demo always starts afresh in its own folder
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.demo and not resume and out == Path(DEMO_OVERRIDES["output_dir"]):
+        clear_folder(out)  # `make demo` twice: the demo always starts afresh in its own folder
+    remove_leftovers(out)
     config_file = out / "config.json"
-    if resume and config_file.is_file():
-        old = json.loads(config_file.read_text())
+    if resume:
+        old = read_saved_config(config_file)
         changed = {k for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE and old.get(k) != v}
         if changed:
-            raise SystemExit(f"{config_file}: --resume with different settings "
+            raise UsageError(f"{config_file}: --resume with different settings "
                              f"({', '.join(f'{k}: {old.get(k)} -> {getattr(cfg, k)}' for k in sorted(changed))})")
-    if not resume and latest_checkpoint(out):
-        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
-    atomic_write_json(config_file, asdict(cfg))
+    if not resume and list_checkpoints(out):
+        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
+    with writing(config_file):
+        atomic_write_json(config_file, asdict(cfg))
     return out
 
 
 def build_model(cfg, out):
     """(LoRAGPT, base model folder): GPT-2 from --model, or a random one (--random-base), with adapters."""
-    base_dir = base_model_dir(cfg, out, log)
+    base_dir = base_model_dir(cfg, out, log, save=save_base_model)
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
+    # A drawn from NumPy by (--seed, module name): the same start as train_pytorch_lora.py's
     model = LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg, seed=cfg.seed)
-    model = runtime.prepare(model)  # the fused CPU kernels where they run
+    # device, precision, and the fused CPU kernels where they run
+    model = runtime.prepare(model, cfg.device, cfg.precision)
+    log(runtime.describe(model))
     model.base_model_name_or_path = str(base_dir)
     return model, base_dir
+
+
+def save_base_model(base_dir, config, seed):
+    """--random-base: the random GPT-2 (init_weights, NumPy), written whole or not at all."""
+    tmp = base_dir.with_name(".tmp-base_model")
+    with writing(tmp):
+        save_random_gpt2(tmp, config, seed)
+    stop_at("base_model")
+    replace_folder(tmp, base_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -174,12 +208,13 @@ def train_loop(run, stop_after=None, progress=True):
             # --- learning rate; dropout masks come from Jittor's RNG: reseeding per step makes a
             # resumed run draw exactly the masks an uninterrupted run draws.
             lr = run.opt.lr = learning_rate(run.step, cfg, run.total)
-            jt.set_global_seed(cfg.seed * 100_003 + run.step)
+            jt.set_global_seed((cfg.seed * 100_003 + run.step) % 2 ** 31)  # Jittor's seeds are 31-bit
 
             # --- forward / backward, one AdamW step
             t0 = time.time()
             loss, n_tok = optimizer_step(run, group)
             run.step, run.micro = run.step + 1, run.micro + len(group)
+            stop_at("step", run.step)
 
             # --- log
             dt, tokens_seen = time.time() - t0, tokens_seen + n_tok
@@ -198,9 +233,15 @@ def train_loop(run, stop_after=None, progress=True):
                 log(f"step {run.step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
             if run.micro >= len(order):  # end of the epoch
                 run.epoch, run.micro = run.epoch + 1, 0
-            if run.step % cfg.save_interval == 0 or run.step == run.total:
-                save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "micro": run.micro})
-                prune_checkpoints(out, cfg.keep_checkpoints)
+            stop = run.stop.signum  # Ctrl-C / SIGTERM during this step: checkpoint it, then stop
+            if run.step % cfg.save_interval == 0 or run.step == run.total or stop:
+                ckpt = save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "micro": run.micro},
+                                       run.scaler)
+                prune_checkpoints(out, cfg.keep_checkpoints, ckpt)  # only now that the new one is verified
+            if stop:
+                raise Stopped(stop, f"stopped by {signal.Signals(stop).name} after step {run.step} of {run.total}; "
+                                    f"{ckpt} holds it. Continue with: python train_default_lora.py "
+                                    f"--output-dir {out} --resume")
             if stop_after is not None and run.step >= stop_after:
                 return False
     return True
@@ -208,24 +249,34 @@ def train_loop(run, stop_after=None, progress=True):
 
 def optimizer_step(run, group):
     """Forward/backward over the micro-batches in `group` (lists of example indices), then
-    clipping and one AdamW step. Returns (mean loss over the micro-batches, real tokens)."""
-    cfg, model, opt = run.cfg, run.model, run.opt
+    clipping and one AdamW step. Returns (mean loss over the micro-batches, real tokens).
+    In fp16 the loss is scaled and a step whose gradients are not finite is skipped
+    (run.scaler, torch.amp.GradScaler's rule)."""
+    cfg, model, opt, scaler = run.cfg, run.model, run.opt, run.scaler
     loss_sum, n_tok = 0.0, 0
     for idx in group:
         b = collate([run.data.train_features[i] for i in idx])
         _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
-        opt.backward(loss / len(group))
+        opt.backward(loss / len(group) if scaler is None else scaler.scale_loss(loss / len(group)))
         loss_val = loss.item()
         if not math.isfinite(loss_val):
             raise SystemExit(f"loss is {loss_val} at step {run.step + 1} (epoch {run.epoch + 1}); stopping. "
                              f"The last good checkpoint is {latest_checkpoint(run.out) or 'none'}; try a lower --lr.")
         loss_sum, n_tok = loss_sum + loss_val / len(group), n_tok + count_tokens(b)
-    if cfg.clip > 0:
-        opt.clip_grad_norm(cfg.clip)
-    # Jittor counts backward() calls in n_step; AdamW's bias correction must count
-    # optimizer steps (as torch does), which differ under gradient accumulation.
-    opt.n_step = run.step + 1
-    opt.step()
+    if scaler is None or scaler.unscale_(opt):  # fp16: the gradients / scale, and all finite
+        if cfg.clip > 0:
+            opt.clip_grad_norm(cfg.clip)
+        # Jittor counts backward() calls in n_step; AdamW's bias correction must count
+        # optimizer steps taken (as torch does), which differ under gradient accumulation and
+        # after steps the loss scaler skipped.
+        opt.n_step = run.step + 1 - (scaler.skipped_steps if scaler else 0)
+    else:
+        log(f"step {run.step + 1}: gradients not finite at loss scale {scaler.scale:g}: step skipped")
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)  # skipped when a gradient was not finite
+        scaler.update()
     return loss_sum, n_tok
 
 
@@ -236,9 +287,13 @@ def finish(run):
     """The final adapter, SQuAD EM/F1 by greedy generation, the loss curves."""
     out = run.out
     run.model.eval()
-    run.model.save_lora_weights(out / "adapter")
+    with writing(out / ".tmp-adapter"):
+        run.model.save_lora_weights(out / ".tmp-adapter")
+    stop_at("finish:adapter")
+    replace_folder(out / ".tmp-adapter", out / "adapter")  # the folder appears whole or not at all
     log(f"adapter saved to {out / 'adapter'} (PEFT format)")
-    score_run(run.model, run.tokenizer, run.cfg, run.data, run.out)
+    final_scores(run)
+    stop_at("finish:curves")
     try:
         plot_runs([out], out / "curves.png")
         log(f"loss curves: {out / 'curves.png'}")
@@ -248,20 +303,69 @@ def finish(run):
         f"metrics.jsonl, config.json, predictions.json, scores.json, curves.png")
 
 
+def final_scores(run):
+    """SQuAD EM/F1 by greedy generation (test_generation.score_run), each file written atomically."""
+    def save(path, obj):
+        stop_at("finish:scores" if path.name == "scores.json" else "finish:predictions")
+        with writing(path):
+            atomic_write_json(path, obj)
+    score_run(run.model, run.tokenizer, run.cfg, run.data, run.out, save=save)
+
+
 # ----------------------------------------------------------------------------
 
 def train(cfg, resume=False, stop_after=None, progress=True):
     """Run training; returns the output folder. stop_after=N stops after optimizer step N
     as if interrupted (used by the resume tests)."""
-    run = prepare(cfg, resume)
-    if train_loop(run, stop_after, progress):
-        finish(run)
+    check(cfg)
+    if cfg.random_base:
+        try:  # a bad shape is a usage error, found before anything is written
+            parse_shape(cfg.random_base)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:  # the device and precision can run here (tf32 needs CUDA, --device cuda a usable GPU)
+        runtime.resolve(cfg.device, cfg.precision)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+    out = Path(cfg.output_dir)
+    if resume and not (out / "config.json").is_file():
+        raise UsageError(f"{out}: nothing to resume (no config.json of a run there); leave out --resume to start one")
+    with RunLock(out, log=log):
+        run = prepare(cfg, resume)
+        with run.stop:
+            done = train_loop(run, stop_after, progress)
+        if done:
+            finish(run)
     return run.out
 
 
-if __name__ == "__main__":
-    cfg, resume = parse_args(description=__doc__.split("\n")[0])
+def stop_now(signum, frame):
+    """SIGINT / SIGTERM outside the training loop (which saves a checkpoint first): stop at once."""
+    raise Stopped(signum, f"stopped by {signal.Signals(signum).name}; the checkpoints are intact and --resume "
+                          f"continues from the newest (after training, it redoes the final phase)")
+
+
+def main(argv=None):
+    """The command line; returns the exit code (see the module doc): one line on stderr for
+    every error, never a traceback."""
+    saved = {s: signal.signal(s, stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        cfg, resume = parse_args(argv, description=__doc__.split("\n")[0])
         train(cfg, resume=resume)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except Stopped as e:
+        log(str(e))
+        return e.exit_code
+    except UsageError as e:
+        log(f"error: {e}")
+        return 2
+    except (OSError, ValueError, RuntimeError) as e:  # data errors, failed writes, the folder in use
+        log(f"error: {e}")
+        return 1
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -55,7 +55,8 @@ from init_weights import base_model_dir, lora_A
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import score_run
-from train_config import DEMO_OVERRIDES, TrainConfig, check_config, learning_rate, parse_args, total_steps
+from gpt2_config import parse_shape
+from train_config import DEMO_OVERRIDES, TrainConfig, UsageError, check, learning_rate, parse_args, total_steps
 
 INSTALL = ("train_pytorch_lora.py is the PyTorch reference run and needs PyTorch, transformers and PEFT "
            "(test dependencies of this project, not runtime ones): pip install -r requirements-test.txt "
@@ -161,10 +162,16 @@ def reference_config(cfg):
     if cfg.output_dir in (TrainConfig.output_dir, DEMO_OVERRIDES["output_dir"]):
         cfg = replace(cfg, output_dir=cfg.output_dir + "-pytorch")
     if cfg.qv_only:
-        raise ValueError("--qv-only: PEFT has no adapter on the q and v slices of GPT-2's fused c_attn alone; "
+        raise UsageError("--qv-only: PEFT has no adapter on the q and v slices of GPT-2's fused c_attn alone; "
                          "the PyTorch reference trains full c_attn adapters only")
-    if cfg.r < 1:
-        raise ValueError(f"--r must be at least 1 for PEFT, not {cfg.r}")
+    if cfg.device == "cuda" or cfg.precision not in ("auto", "fp32"):
+        raise UsageError("the PyTorch reference runs on the CPU in fp32 (the alignment setting); "
+                         "leave out --device cuda and --precision")
+    if cfg.random_base:
+        try:
+            parse_shape(cfg.random_base)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return cfg
 
 
@@ -172,7 +179,7 @@ def train(cfg, progress=True):
     """The whole run, as train_default_lora.train (no checkpoints); returns the output folder."""
     if torch is None:
         raise RuntimeError(f"no module named {MISSING!r}. {INSTALL}")
-    check_config(cfg)
+    check(cfg)
     cfg = reference_config(cfg)
     out = open_output_dir(cfg)
     model, base_dir = build_model(cfg, out)
@@ -260,5 +267,9 @@ if __name__ == "__main__":
         sys.exit(2)
     try:
         train(cfg)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except UsageError as e:  # exit codes as train_default_lora.py: 2 usage, 1 data
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

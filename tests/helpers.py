@@ -6,6 +6,7 @@ GPT2LMHeadModel with random weights, saved with save_pretrained, is the real fil
 Biases and LayerNorm parameters are randomised too (transformers initialises them to
 0 / 1), so a loading mistake in any tensor shows in the logits.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,12 @@ def batch_with_padding(rng, B, T, vocab, side):
             mask[b, T - n:] = 1
     ids = np.where(mask > 0, ids, EOS_ID)
     return ids, mask
+
+
+def write_sample_split(folder):
+    """(train file, held-out file): the project's sample SQuAD file split by article (4 / the rest)."""
+    folder = Path(folder)
+    raw = json.loads((Path(__file__).resolve().parents[1] / "data" / "squad_sample.json").read_text())
+    for name, articles in (("train", raw["data"][:4]), ("eval", raw["data"][4:])):
+        (folder / f"{name}.json").write_text(json.dumps({"version": "1.1", "data": articles}))
+    return folder / "train.json", folder / "eval.json"

@@ -177,7 +177,7 @@ def test_cli_demo_with_the_demo_checkpoint(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_model_at_all", "missing_model", "bad_adapter", "bad_data"])
-def test_cli_errors_exit_2_naming_the_file(tiny, tmp_path, case):
+def test_cli_data_errors_exit_1_naming_the_file(tiny, tmp_path, case):
     base, adapter = tiny
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": "1.1", "data": ')
@@ -191,5 +191,5 @@ def test_cli_errors_exit_2_naming_the_file(tiny, tmp_path, case):
     }[case]
     r = run_cli(*args, cwd=cwd)
     print(f"\n{case}: exit {r.returncode}: {r.stderr.strip()}")
-    assert r.returncode == 2 and needle in r.stderr
+    assert r.returncode == 1 and needle in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -10,10 +10,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import train_default_lora
+from helpers import write_sample_split
 from gpt2_lora_dataset import batches, encode_dataset, load_squad_json, read_squad
 from model_utils import evaluate_squad, load_tokenizer
 from test_generation import subset_dataset
-from train_config import AT_LEAST_ONE, DEMO_OVERRIDES, TrainConfig, learning_rate, parse_args
+from train_config import AT_LEAST_ONE, DEMO_OVERRIDES, TrainConfig, UsageError, learning_rate, parse_args
 from train_default_lora import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +24,7 @@ TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
 @pytest.fixture(scope="module")
 def split_files(tmp_path_factory):
     """The project's sample file split by article into a train and a held-out file."""
-    d = tmp_path_factory.mktemp("data")
-    raw = json.loads((ROOT / "data" / "squad_sample.json").read_text())
-    for name, articles in (("train", raw["data"][:4]), ("eval", raw["data"][4:])):
-        (d / f"{name}.json").write_text(json.dumps({"version": "1.1", "data": articles}))
-    return d / "train.json", d / "eval.json"
+    return write_sample_split(tmp_path_factory.mktemp("data"))
 
 
 def tiny_cfg(split_files, out, **kw):
@@ -145,9 +142,9 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_old_checkpoints(spl
     resumed, resume = parse_args(["--output-dir", str(tmp_path / "run"), "--resume"])
     assert resume and resumed == cfg
     assert parse_args(["--output-dir", str(tmp_path / "run"), "--resume", "--max-steps", "5"])[0].max_steps == 5
-    with pytest.raises(SystemExit, match=r"--resume with different settings \(lr: 0.003 -> 0.01\)"):
+    with pytest.raises(UsageError, match=r"--resume with different settings \(lr: 0.003 -> 0.01\)"):
         train(replace(cfg, lr=0.01), resume=True, progress=False)
-    with pytest.raises(SystemExit, match="already holds checkpoints: pass --resume"):
+    with pytest.raises(UsageError, match="already holds checkpoints: pass --resume"):
         train(cfg, progress=False)
 
 
@@ -239,7 +236,7 @@ def test_cli_help_and_bad_train_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     r = subprocess.run([sys.executable, "train_default_lora.py", "--random-base", TINY, "--train-file", str(bad),
-                        "--eval-file", str(bad), "--output-dir", str(tmp_path / "o")],
+                        "--eval-file", str(bad), "--output-dir", str(tmp_path / "o"), "--max-length", "192"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     print("\n" + r.stderr.strip().splitlines()[-1])
     assert r.returncode != 0 and str(bad) in r.stderr and "Traceback" not in r.stderr
