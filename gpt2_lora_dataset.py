@@ -371,10 +371,14 @@ def batches(features, batch_size, seed, epoch, shuffle=True, bucket=False, drop_
     Deterministic so that a resumed run can skip the first k batches of an epoch and see
     exactly the data it would have seen. bucket=True sorts by length inside chunks of
     64 * batch_size (then shuffles the batch order), so batches hold similar lengths and
-    need less padding, while staying random across the epoch.
+    need less padding, while staying random across the epoch. Training calls it with the
+    global batch (all micro-batches of all processes of one optimizer step) and cuts each
+    batch with rank_share(), so the order never depends on how a step is split.
     """
     n = len(features)
-    rng = np.random.default_rng(seed + epoch)
+    # epoch e draws from child stream e of the seed (NumPy's spawn_key): seed + epoch made
+    # (seed 2, epoch 0) replay (seed 1, epoch 1)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(epoch,)))
     order = rng.permutation(n) if shuffle else np.arange(n)
     if bucket:
         lengths = np.array([len(f.input_ids) for f in features])
@@ -389,9 +393,28 @@ def batches(features, batch_size, seed, epoch, shuffle=True, bucket=False, drop_
     return groups
 
 
+def rank_share(batch, world_size, rank, grad_accum):
+    """The micro-batches (grad_accum index lists) that process `rank` of `world_size` trains
+    on in one optimizer step whose global batch is `batch`.
+
+    The global batch is cut into world_size * grad_accum near-equal contiguous pieces (a
+    bucketed batch stays sorted by length inside each); rank r takes pieces r * grad_accum
+    to (r + 1) * grad_accum - 1. The shares are disjoint and cover the batch. A short last
+    batch can leave a piece, or a rank's whole share, empty.
+    """
+    pieces = np.array_split(np.asarray(batch, dtype=np.int64), world_size * grad_accum)
+    return [p.tolist() for p in pieces[rank * grad_accum:(rank + 1) * grad_accum]]
+
+
 def count_tokens(batch):
     """Number of real (non-padding) tokens in a collated batch."""
     return int(batch["attention_mask"].sum())
+
+
+def count_supervised(features):
+    """Number of supervised targets (not IGNORE_INDEX) in a list of features: the tokens the
+    loss averages over."""
+    return sum(len(f.targets) - f.targets.count(IGNORE_INDEX) for f in features)
 
 
 # ----------------------------------------------------------------------------

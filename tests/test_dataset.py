@@ -214,15 +214,18 @@ def test_batches_pin_the_order_per_seed_and_epoch():
     """The exact batches of a small case, written out: a resumed run skips the first k batches
     of the epoch it stopped in, so the order must not change between runs or versions."""
     features = list(range(10))  # only len() matters without bucketing
-    # np.random.default_rng(seed + epoch).permutation(10), cut into batches of 4
-    expected = {0: [[8, 4, 7, 0], [1, 2, 5, 9], [6, 3]],
-                1: [[2, 0, 7, 6], [9, 5, 3, 4], [8, 1]],
-                2: [[9, 6, 0, 2], [1, 4, 7, 5], [3, 8]]}
+    # np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(epoch,))).permutation(10),
+    # cut into batches of 4
+    expected = {0: [[4, 1, 6, 7], [0, 5, 9, 2], [3, 8]],
+                1: [[5, 0, 9, 3], [2, 4, 6, 1], [8, 7]],
+                2: [[7, 8, 6, 2], [4, 1, 0, 5], [9, 3]]}
     got = {epoch: D.batches(features, 4, seed=1, epoch=epoch) for epoch in expected}
     print(f"\nseed 1, 10 examples, batch 4: {got}")
     assert got == expected
     assert D.batches(features, 4, seed=1, epoch=0, drop_last=True) == expected[0][:2]
     assert D.batches(features, 4, seed=1, epoch=0, shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # seeding with seed + epoch made (seed 2, epoch 0) replay (seed 1, epoch 1)
+    assert D.batches(features, 4, seed=2, epoch=0) == [[5, 7, 3, 9], [6, 1, 8, 4], [0, 2]] != expected[1]
 
 
 def test_batches_cover_each_example_once_per_epoch_in_a_new_order():
@@ -237,6 +240,33 @@ def test_batches_cover_each_example_once_per_epoch_in_a_new_order():
     assert kept == epochs[0][:6]
 
 
+def test_rank_share_cuts_a_global_batch_into_disjoint_micro_batches():
+    """Rank r of W takes pieces r * k .. r * k + k - 1 of the global batch cut into W * k
+    near-equal contiguous pieces (k = grad_accum), whatever the split."""
+    batch = [7, 3, 9, 1, 4, 8, 0, 2, 6, 5]
+    assert D.rank_share(batch, 1, 0, 1) == [batch]
+    assert D.rank_share(batch, 1, 0, 2) == [[7, 3, 9, 1, 4], [8, 0, 2, 6, 5]]
+    assert D.rank_share(batch, 2, 0, 1) == [[7, 3, 9, 1, 4]]
+    assert D.rank_share(batch, 2, 1, 1) == [[8, 0, 2, 6, 5]]
+    assert D.rank_share(batch, 2, 0, 2) == [[7, 3, 9], [1, 4, 8]]
+    assert D.rank_share(batch, 2, 1, 2) == [[0, 2], [6, 5]]
+    for world, accum in ((1, 3), (2, 2), (3, 1), (4, 4)):
+        shares = [D.rank_share(batch, world, r, accum) for r in range(world)]
+        flat = [i for share in shares for micro in share for i in micro]
+        assert flat == batch, (world, accum)  # disjoint, complete, in the global batch's order
+        assert all(len(share) == accum for share in shares)
+    assert D.rank_share([5], 2, 1, 1) == [[]]  # a short last batch can leave a rank nothing
+
+
+def test_count_supervised(tok, sample):
+    features = D.encode_dataset(tok, sample[:5])[0]
+    batch = D.collate(features)
+    expected = int((batch["targets"] != IGNORE_INDEX).sum())
+    print(f"\n5 questions: {expected} supervised targets")
+    assert D.count_supervised(features) == expected
+    assert D.count_supervised(features[:2]) + D.count_supervised(features[2:]) == expected
+
+
 class _Len:
     """A stand-in feature: batches(bucket=True) reads only len(input_ids)."""
     def __init__(self, n):
@@ -246,9 +276,9 @@ class _Len:
 def test_bucketed_batches_pin_the_order_and_group_similar_lengths():
     lengths = [5, 1, 9, 3, 7, 2, 8, 6, 4, 10]
     features = [_Len(n) for n in lengths]
-    # permutation [8, 4, 7, 0, 1, 2, 5, 9, 6, 3] sorted by length -> [1, 5, 3 | 8, 0, 7 | 4, 6, 2 | 9],
+    # permutation [4, 1, 6, 7, 0, 5, 9, 2, 3, 8] sorted by length -> [1, 5, 3 | 8, 0, 7 | 4, 6, 2 | 9],
     # then the batch order is shuffled by the same generator
-    assert D.batches(features, 3, seed=1, epoch=0, bucket=True) == [[8, 0, 7], [9], [4, 6, 2], [1, 5, 3]]
+    assert D.batches(features, 3, seed=1, epoch=0, bucket=True) == [[1, 5, 3], [8, 0, 7], [9], [4, 6, 2]]
     assert D.batches(features, 3, seed=1, epoch=0, bucket=True, shuffle=False) == \
         [[1, 5, 3], [8, 0, 7], [4, 6, 2], [9]]
     # several chunks (64 * batch_size = 256 examples each): still each example once per epoch
