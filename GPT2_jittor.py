@@ -11,7 +11,10 @@ copy with no transposes, and LoRA adapters in PEFT's format apply unchanged.
     out = model.generate(idx, 20, attention_mask=mask)   # greedy, KV cache, left padding
 
 The code here is the plain formula of every part, and the reference the fast paths are
-tested against. runtime.prepare(model) is the one place that chooses what runs: on CPU
+tested against. It runs in any precision runtime.prepare() chooses: with the frozen weights
+stored in bfloat16/float16, matmul inputs are cast to the weight's dtype, while the
+residual stream, LayerNorm, the attention softmax and the loss stay float32 (as_dtype; a
+no-op in float32). runtime.prepare(model) is the one place that chooses what runs: on CPU
 with oneDNN it swaps in modules whose execute() runs the same formula as a fused kernel
 (cpu_kernels.py) and sets `fused` on the attention layers and the GPT, which then take
 the fused attention, packed training on the real tokens only (execute_packed) and an
@@ -22,7 +25,6 @@ Model code only: no argument parsing, logging or plotting here.
 import json
 import math
 import re
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,66 +32,18 @@ import numpy as np
 from jittor_env import jt
 from jittor import nn
 import cpu_kernels
+from gpt2_config import ACTIVATION_FUNCTIONS, GPTConfig  # GPTConfig: also imported from here
 from model_utils import IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, read_hf_weights
-
-
-@dataclass
-class GPTConfig:
-    n_layer: int = 12            # transformer blocks
-    n_head: int = 12             # attention heads per block
-    n_embd: int = 768            # model width; head size is n_embd // n_head
-    n_positions: int = 1024      # longest sequence the position table covers
-    vocab_size: int = 50257      # GPT-2's BPE vocabulary
-    layer_norm_epsilon: float = 1e-5
-    activation_function: str = "gelu_new"   # the tanh approximation GPT-2 was trained with
-    resid_pdrop: float = 0.1     # dropout after attention / MLP output projections
-    embd_pdrop: float = 0.1      # dropout on token + position embeddings
-    attn_pdrop: float = 0.1      # dropout on attention probabilities
-    initializer_range: float = 0.02  # std of the random init (weights are usually loaded instead)
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
-
-    @classmethod
-    def from_hf_config(cls, cfg, source="config.json"):
-        """Build from a Hugging Face GPT-2 config.json dict; every value checked (CONFIG_RANGES),
-        errors are ValueError naming `source`."""
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
-        if cfg.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r:.80}, expected 'gpt2'")
-        act = cfg.get("activation_function", "gelu_new")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            raise ValueError(f"{source}: activation_function {act!r:.80} is not supported "
-                             f"(supported: {', '.join(ACTIVATIONS)})")
-        values = {}
-        for f in fields(cls):
-            if f.name not in cfg or f.name == "activation_function":
-                continue
-            v = cfg[f.name]
-            if v is None and f.name.endswith("_token_id"):
-                continue  # transformers writes null for an unset token id: keep GPT-2's
-            kind, accepted, words = CONFIG_RANGES[f.name]
-            if isinstance(v, bool) or not isinstance(v, kind) or (isinstance(v, float) and not math.isfinite(v)) \
-                    or not accepted(v):
-                raise ValueError(f"{source}: {f.name} must be {words}, not {v!r:.80}")
-            values[f.name] = v
-        config = cls(**values, activation_function=act)
-        if config.n_embd % config.n_head:
-            raise ValueError(f"{source}: n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-        return config
-
-    def to_hf_config(self):
-        """The config.json transformers writes for a GPT2LMHeadModel."""
-        cfg = {f.name: getattr(self, f.name) for f in fields(self)}
-        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
-                   n_inner=None, scale_attn_weights=True,
-                   tie_word_embeddings=True, use_cache=True)
-        return cfg
 
 
 # ----------------------------------------------------------------------------
 # Building blocks: the plain formulas. runtime.py may swap Conv1D, LayerNorm, NewGELU and
 # Dropout for subclasses that compute the same formula with cpu_kernels.
+
+def as_dtype(x, dtype):
+    """x in `dtype`: a cast where mixed precision meets two dtypes, no new op where it does not."""
+    return x if x.dtype == dtype else x.cast(dtype)
+
 
 class Conv1D(nn.Module):
     """Hugging Face's GPT-2 'Conv1D': a linear layer whose weight is stored (in, out)."""
@@ -99,7 +53,8 @@ class Conv1D(nn.Module):
         self.bias = jt.zeros((nf,), "float32")
 
     def execute(self, x):
-        return x @ self.weight + self.bias  # (..., in) @ (in, out): one 2-D matmul in Jittor
+        # (..., in) @ (in, out): one 2-D matmul in Jittor, in the (possibly half) weight's dtype
+        return as_dtype(x, self.weight.dtype) @ self.weight + self.bias
 
 
 class LayerNorm(nn.Module):
@@ -114,6 +69,7 @@ class LayerNorm(nn.Module):
         self.bias = jt.zeros((n,), "float32")
 
     def execute(self, x):
+        x = as_dtype(x, "float32")  # statistics in float32 whatever the activations' dtype
         xc = x - x.mean(-1, keepdims=True)
         var = (xc * xc).mean(-1, keepdims=True)
         return xc / jt.sqrt(var + self.eps) * self.weight + self.bias
@@ -128,33 +84,32 @@ class NewGELU(nn.Module):
     """
 
     def execute(self, x):
+        # in float32 (in half, x*x*x overflows float16 from |x| = 41), returned in x's dtype
+        dtype, x = x.dtype, as_dtype(x, "float32")
         u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
-        return 0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0)))
+        return as_dtype(0.5 * x * (1.0 + jt.tanh(u.clamp(-15.0, 15.0))), dtype)
 
 
 class GELU(nn.Module):
     """The exact GELU, x Phi(x) (transformers' "gelu")."""
 
     def execute(self, x):
-        return 0.5 * x * (1.0 + jt.erf(x / math.sqrt(2.0)))
+        dtype, x = x.dtype, as_dtype(x, "float32")
+        return as_dtype(0.5 * x * (1.0 + jt.erf(x / math.sqrt(2.0))), dtype)
 
 
 ACTIVATIONS = {"gelu_new": NewGELU, "gelu_pytorch_tanh": NewGELU, "gelu": GELU, "relu": nn.ReLU}
-# config.json field -> (type, accepted?, the range in words). The upper bounds are far above any
-# GPT-2 and keep a hostile config from building an absurd model; from_pretrained also checks
-# the config's sizes against the weight file before it builds anything.
-_SIZE = (int, lambda v: 1 <= v <= 2 ** 24, "an integer in [1, 2^24]")
-_PROB = ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
-CONFIG_RANGES = {
-    "n_layer": (int, lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
-    "n_head": (int, lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
-    "n_embd": _SIZE, "n_positions": _SIZE, "vocab_size": _SIZE,
-    "layer_norm_epsilon": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "resid_pdrop": _PROB, "embd_pdrop": _PROB, "attn_pdrop": _PROB,
-    "initializer_range": ((int, float), lambda v: 0 <= v <= 100, "a number in [0, 100]"),
-    "bos_token_id": (int, lambda v: v >= 0, "a token id >= 0"),
-    "eos_token_id": (int, lambda v: v >= 0, "a token id >= 0"),
-}
+assert tuple(ACTIVATIONS) == ACTIVATION_FUNCTIONS  # the names GPTConfig accepts
+
+
+# The score given to masked keys. transformers fills with finfo(float32).min; on a fully
+# masked row (the query of a left pad) every softmax must then give uniform weights, but
+# Jittor's CUDA softmax starts its running maximum at -1e30, so such a row becomes
+# exp(-3.4e38 + 1e30) = 0 everywhere and 0/0 = NaN, which a zero weight in P V then carries
+# into the real positions of the next layer. -1e9 lies far above that floor (a fully masked
+# row is uniform in every softmax) and far below any real score (exp(-1e9 - s) is exactly 0,
+# as with transformers' fill). It is a float32 value: the scores are masked in float32.
+MASK_FILL = -1e9
 
 
 def causal_attention(q, k, v, key_mask, attn_drop):
@@ -162,20 +117,20 @@ def causal_attention(q, k, v, key_mask, attn_drop):
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) where the last Tq keys are the queries' own
     positions (Tk = cached + new). key_mask: (B, Tk) with 1 for real tokens, or None.
+    The scores, mask and softmax are float32 whatever the dtype of q, k, v.
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
+    att = as_dtype(q @ k.transpose(0, 1, 3, 2), "float32") * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
     # query i (absolute position Tk - Tq + i) may look at keys j <= Tk - Tq + i
     allowed = (jt.arange(Tk).reshape(1, Tk) <= jt.arange(Tq).reshape(Tq, 1) + (Tk - Tq))
     allowed = allowed.reshape(1, 1, Tq, Tk)
     if key_mask is not None:
         allowed = allowed & (key_mask.reshape(B, 1, 1, Tk) > 0)
-    # Replace (not add) with the most negative float, as transformers does: a fully masked
-    # row (a left-padding query) then gets uniform weights instead of NaN.
-    att = jt.where(allowed, att, jt.float32(np.finfo(np.float32).min))
+    # Replace (not add), as transformers does: a fully masked row gets uniform weights.
+    att = jt.where(allowed, att, jt.float32(MASK_FILL))
     att = attn_drop(nn.softmax(att, dim=-1))
-    return att @ v  # (B, H, Tq, D)
+    return as_dtype(att, v.dtype) @ v  # (B, H, Tq, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -331,7 +286,8 @@ class GPT(nn.Module):
                                  f"expected {(B, T_past + T)} (past + new tokens)")
             mask = attention_mask.int32()
             pos = jt.where(mask > 0, jt.cumsum(mask, dim=1) - 1, jt.int32(1))[:, T_past:]  # pads: any valid index
-        return self.drop(self.wte(idx) + self.wpe(pos))
+        # the residual stream is float32 (the tables may be stored in half)
+        return self.drop(as_dtype(self.wte(idx), "float32") + as_dtype(self.wpe(pos), "float32"))
 
     def _check_length(self, n_tokens):
         if n_tokens > self.config.n_positions:
@@ -339,11 +295,12 @@ class GPT(nn.Module):
                              f"n_positions={self.config.n_positions}")
 
     def lm_head(self, h):
-        """Logits from hidden states: the head is tied to the token embedding (wte)."""
+        """Float32 logits from hidden states: the head is tied to the token embedding (wte)."""
         flat = h.reshape(-1, h.shape[-1])
         if self.fused:  # h @ wte^T without a transposed copy of the (vocab, C) table (154 MB for GPT-2)
             return cpu_kernels.matmul(flat, self.wte.weight, trans_b=True).reshape(*h.shape[:-1], -1)
-        return (flat @ self.wte.weight.t()).reshape(*h.shape[:-1], -1)
+        w = self.wte.weight
+        return as_dtype(as_dtype(flat, w.dtype) @ w.t(), "float32").reshape(*h.shape[:-1], -1)
 
     def supervised_hidden(self, idx, targets, attention_mask):
         """(final hidden states, targets) at the supervised positions, in row-major (b, t) order."""
@@ -540,7 +497,9 @@ def strip_transformer_prefix(state):
 
 
 def cross_entropy(logits, targets):
-    """Mean cross-entropy of logits (N, V) against class indices (N,), with a stable log-sum-exp."""
+    """Mean cross-entropy of logits (N, V) against class indices (N,), with a stable log-sum-exp,
+    in float32."""
+    logits = as_dtype(logits, "float32")
     m = logits.max(1, keepdims=True)
     lse = (logits - m).exp().sum(1).log() + m.reshape(-1)
     picked = logits.reindex([logits.shape[0]], ["i0", f"@e0(i0)"], extras=[targets])

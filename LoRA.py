@@ -5,8 +5,9 @@
       └─► dropout ─► A (r, in) ─► B (out, r) ─► ·scaling
 
 - A starts kaiming-uniform with a = sqrt(5) (PEFT's default, bound 1/sqrt(in)) or gaussian
-  N(0, (1/r)^2) (PEFT's "gaussian", the seed's choice); B starts at zero, so training
-  starts from exactly the base model.
+  N(0, (1/r)^2) (PEFT's "gaussian", the seed's choice), drawn from NumPy by
+  init_weights.lora_A(seed, name, ...), so the PyTorch reference starts from the same A;
+  B starts at zero, so training starts from exactly the base model.
 - scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
 - A and B are stored exactly as PEFT stores lora_A.weight / lora_B.weight, so adapters move
   between PEFT and us without conversion.
@@ -18,13 +19,18 @@
   nothing merges as a side effect of eval() (a loralib pitfall).
 
 execute() is the plain formula; on CPU, runtime.py swaps in cpu_kernels' fused version of it
-(the base product, bias and both LoRA products as one kernel).
+(the base product, bias and both LoRA products as one kernel). In mixed precision the frozen
+W is stored in half and A, B stay float32 (they train): the input is cast to W's dtype and A,
+B are cast to it for their products (as torch.autocast does), so their gradients arrive in
+float32 through the casts.
 """
 import math
 from dataclasses import dataclass, field
 
 from jittor_env import jt
 from jittor import nn
+from GPT2_jittor import as_dtype
+import init_weights
 
 
 @dataclass
@@ -56,7 +62,9 @@ def lora_scaling(alpha, r, use_rslora):
 class LoRALinear(nn.Module):
     """A frozen GPT-2 Conv1D projection plus a trainable low-rank update (see module doc)."""
 
-    def __init__(self, base, r=8, alpha=16, dropout=0.0, init="kaiming", use_rslora=False, enable=None):
+    def __init__(self, base, r=8, alpha=16, dropout=0.0, init="kaiming", use_rslora=False, enable=None,
+                 seed=0, name=""):
+        """seed and name (the module's name, e.g. "h.0.attn.c_attn") fix the initial A."""
         # Keep the base Conv1D's weight/bias under the same names, so the base key set
         # (and GPT.hf_state_dict) is unchanged by wrapping.
         self.weight, self.bias = base.weight, base.bias
@@ -71,11 +79,7 @@ class LoRALinear(nn.Module):
         if self.enable and out_features % len(self.enable):
             raise ValueError(f"cannot split {out_features} outputs into {len(self.enable)} equal slices")
         self.scaling = lora_scaling(alpha, r, use_rslora)
-        if init == "kaiming":   # torch kaiming_uniform_(a=sqrt(5)) on (r, in): bound = 1/sqrt(in)
-            bound = 1.0 / math.sqrt(in_features)
-            self.lora_A = jt.init.uniform((r * k, in_features), "float32", -bound, bound)
-        else:                   # PEFT "gaussian": normal with std 1/r
-            self.lora_A = jt.init.gauss((r * k, in_features), "float32", std=1.0 / r)
+        self.lora_A = jt.array(init_weights.lora_A(seed, name, (r * k, in_features), r, init))
         b_rows = out_features // len(self.enable) * k if self.enable else out_features
         self.lora_B = jt.zeros((b_rows, r), "float32")
 
@@ -104,18 +108,20 @@ class LoRALinear(nn.Module):
 
     def execute(self, x):
         # y = x W + b + scaling * dropout(x) A^T B^T   (Hu et al. eq. 3; PEFT's LoRA forward)
+        x = as_dtype(x, self.weight.dtype)  # matmul inputs of one dtype: the frozen weight's
         if not self.r or self.merged:
             return x @ self.weight + self.bias
-        return x @ self.weight + self.bias + (self.lora_dropout(x) @ self.lora_A.t() @ self.B_full().t()) * self.scaling
+        A, B = as_dtype(self.lora_A, x.dtype), as_dtype(self.B_full(), x.dtype)
+        return x @ self.weight + self.bias + (self.lora_dropout(x) @ A.t() @ B.t()) * self.scaling
 
     def merge(self):
         if self.r and not self.merged:
             with jt.no_grad():
-                self.weight.update((self.weight + self.delta_weight()).detach())
+                self.weight.update(as_dtype(self.weight + self.delta_weight(), self.weight.dtype).detach())
             self.merged = True
 
     def unmerge(self):
         if self.r and self.merged:
             with jt.no_grad():
-                self.weight.update((self.weight - self.delta_weight()).detach())
+                self.weight.update(as_dtype(self.weight - self.delta_weight(), self.weight.dtype).detach())
             self.merged = False

@@ -1,17 +1,28 @@
 # Two commands for a newcomer:
 #   make demo   set everything up, then run the embedded offline demo
 #   make test   set everything up for the tests, then run the whole suite (what CI runs)
+# On a GPU:
+#   make gpu-check              Jittor against transformers + PEFT on the GPU (runs/gpu_check_cuda.json + .md)
+#   make gpu-check DEVICE=cpu   the same script with a tiny model on the CPU (the suite runs it too)
+#   make gpu-bundle             .gpu/ for a GPU machine without internet: then `bash tools/gpu_machine.sh run` there
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+DEVICE ?= cuda
 
-.PHONY: demo test setup test-setup system-deps clean
+.PHONY: demo test setup test-setup system-deps clean gpu-check gpu-bundle
 
 demo: setup
 	$(BIN)/python train_default_lora.py --demo
 
 test: test-setup
 	$(BIN)/python -m pytest
+
+gpu-check: test-setup
+	$(BIN)/python gpu_check.py --device $(DEVICE) --out runs/gpu_check_$(DEVICE).json
+
+gpu-bundle: test-setup
+	bash tools/gpu_machine.sh bundle
 
 setup: system-deps $(VENV)/.runtime-installed
 test-setup: system-deps $(VENV)/.test-installed

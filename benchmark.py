@@ -7,6 +7,7 @@ PEFT on PyTorch, on the same machine, the same weights and the same batches.
     python benchmark.py generate --framework torch
     python benchmark.py train --framework jittor --tiny --steps 2 --warmup 1   # smoke test
     mpirun -np 2 python benchmark.py train --threads 1     # Jittor, 2 processes x batch 4
+    python benchmark.py train --framework torch --device cuda --precision bf16 --batch-size 16
 
 Each run prints ONE JSON line on stdout (framework, config, tokens/s or answers/s, median
 and min/max of the step time, peak RSS, steps, warm-up time, FLOP accounting) and a short
@@ -23,14 +24,21 @@ Same work on both sides:
 - AdamW, lr 5e-4, weight decay 0.01. GPT-2's own dropouts (0.1) are on in training.
 - Training batches: real SQuAD examples from gpt2_lora_dataset (read_squad, encode_dataset
   with --max-length, collate; answer-only targets; each batch padded to its longest
-  example), in one fixed shuffled order. HF labels are unshifted:
-  labels[:, 1:] = targets[:, :-1]. tokens/s counts real (non-padding) tokens.
+  example), in one fixed shuffled order. HF labels are unshifted (hf_batch: one more pad
+  column, so that the eos target of the longest row is kept). tokens/s counts real tokens.
 - Generation: held-out questions, prompts from gpt2_lora_dataset.encode_prompt, sorted by
   length, batched and left-padded (test_generation.left_pad); greedy, KV cache, stop at
   <|endoftext|>; transformers' model.generate on the PEFT model (LoRA unmerged on both
   sides). Prompt processing is included in the time.
 
-The torch side runs as a user would run it: default threads, default attention (sdpa).
+The torch side runs as a user would run it: default threads, default attention (sdpa); on a
+GPU model.to("cuda"), torch.autocast for bf16/fp16 (with GradScaler for fp16 training) and
+TF32 matmuls for tf32. Both sides take --device and --precision (mixed_precision.py); each
+resolves "auto" itself and the JSON says what ran. On a GPU it also reports the peak GPU
+memory (each framework's allocator: Jittor's jt.get_mem_info().total_cuda_used after every
+step, torch.cuda.max_memory_reserved; and, the same for both, nvidia-smi's memory.used
+polled every 50 ms above its value at the start) and MFU: the FLOPs below / time / the GPU's
+dense bf16 peak (NVIDIA's datasheet figure, by the name nvidia-smi gives; --peak-tflops).
 
 Under mpirun (Jittor only) --batch-size is per process: each takes its share of every
 global batch of batch size x processes examples (gpt2_lora_dataset.rank_share), as
@@ -38,6 +46,7 @@ train_default_lora.py does; the LoRA gradients are summed once per step (distrib
 and that all-reduce is timed on its own. Rank 0 reports the global batch's tokens.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_lora_dataset import SHARED_SQUAD
+from mixed_precision import DEVICES, HALF_DTYPES, PRECISIONS, resolve
 from model_utils import EOS_ID, IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parent
@@ -119,6 +129,18 @@ def default_data(task):
     name = "dev-v1.1-train-split.json" if task == "train" else "dev-v1.1-heldout-split.json"
     path = SHARED_SQUAD / name
     return path if path.is_file() else SAMPLE_DATA
+
+
+def hf_batch(b):
+    """(input_ids, attention_mask, labels) for transformers from one of our batches. Its labels
+    are unshifted (labels[t] is predicted at t - 1), so the target at our last position (the
+    eos of the longest row) needs one more column: a pad, masked out, predicting nothing."""
+    B, T = b["input_ids"].shape
+    ids = np.concatenate([b["input_ids"], np.full((B, 1), EOS_ID)], 1).astype(np.int64)
+    mask = np.concatenate([b["attention_mask"], np.zeros((B, 1))], 1).astype(np.int64)
+    labels = np.full((B, T + 1), IGNORE_INDEX, dtype=np.int64)
+    labels[:, 1:] = b["targets"]
+    return ids, mask, labels
 
 
 def train_batches(args, n, rank=0, world_size=1):
@@ -218,110 +240,217 @@ def matmul_rate(mm, make, sync, C, rows=1024, reps=5):
 
 
 # ----------------------------------------------------------------------------
-# Framework runners: each returns (list of step seconds, extra dict)
+# The GPU: name, dense bf16 peak (for MFU) and memory as nvidia-smi reports them (the same
+# measurement for both frameworks)
+
+# Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (which print the figure with
+# 2:4 sparsity: halved here), by a part of the name nvidia-smi reports; the first match wins.
+PEAK_BF16_TFLOPS = [("H200 NVL", 835.0), ("H200", 989.0),   # H200 datasheet: 1,671 / 1,979 with sparsity
+                    ("H100 PCIe", 756.0), ("H100", 989.0),  # H100 datasheet: 1,513 (PCIe) / 1,979 (SXM)
+                    ("A100", 312.0)]                        # A100 datasheet: 312 dense
+
+
+def nvidia_smi(*query):
+    """nvidia-smi's answer for the first GPU (a list of strings), or None without a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(query)}", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [v.strip() for v in out.stdout.strip().split(",")] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def peak_bf16_tflops(gpu_name):
+    """(TFLOP/s, source) of the dense bf16 peak of a GPU of this name, or (None, None)."""
+    for part, tflops in PEAK_BF16_TFLOPS:
+        if gpu_name and part in gpu_name:
+            return tflops, f"NVIDIA datasheet, dense bf16 ({part})"
+    return None, None
+
+
+class GpuMemoryPeak:
+    """Polls nvidia-smi's memory.used of the first GPU in a thread while the block runs: the
+    peak above the value at the start, in MiB (framework-neutral: what the driver sees)."""
+
+    def __init__(self, every_s=0.05):
+        import threading
+        self.every_s, self.peak_mb, self.stop = every_s, None, threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def used(self):
+        answer = nvidia_smi("memory.used")
+        return float(answer[0]) if answer else None
+
+    def poll(self):
+        while not self.stop.is_set():
+            used = self.used()
+            if used is not None:
+                self.peak_mb = max(self.peak_mb or 0.0, used - self.start)
+            self.stop.wait(self.every_s)
+
+    def __enter__(self):
+        self.start = self.used() or 0.0
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+# ----------------------------------------------------------------------------
+# Framework runners: each returns (list of step seconds, extra dict), after setting
+# args.device and args.precision to what runs ("auto" resolved by that framework).
 
 def jittor_setup(args):
     from jittor_env import jt
     import cpu_kernels
     from lora_models import LoRAGPT
     import runtime
+    args.device, args.precision = runtime.resolve(args.device, args.precision)
     jt.set_global_seed(args.seed)
     base, adapter = ensure_prepared(args.model, args.seed)
-    model = runtime.prepare(LoRAGPT.from_pretrained(base, adapter))
-    gflops = matmul_rate(lambda a, b, t: cpu_kernels.matmul(a, b, trans_b=t),
-                         lambda *s: jt.randn(*s), lambda v: v.sync(), MODELS[args.model]["n_embd"])
+    model = runtime.prepare(LoRAGPT.from_pretrained(base, adapter), args.device, args.precision)
+    if runtime.is_fused(model):
+        mm, make = (lambda a, b, t: cpu_kernels.matmul(a, b, trans_b=t)), (lambda *s: jt.randn(*s))
+    else:
+        dtype = HALF_DTYPES.get(args.precision, "float32")
+        mm, make = (lambda a, b, t: a @ (b.t() if t else b)), (lambda *s: jt.randn(*s).cast(dtype))
+    gflops = matmul_rate(mm, make, lambda v: v.sync(True), MODELS[args.model]["n_embd"])
+    print(runtime.describe(model), file=sys.stderr)
     return jt, model, gflops
+
+
+def jittor_gpu_memory(jt):
+    """MiB held by Jittor's CUDA allocator now (used + cached), as torch.cuda.memory_reserved counts."""
+    return jt.get_mem_info().total_cuda_used / 2 ** 20 if jt.flags.use_cuda else None
 
 
 def jittor_train(args, data):
     """Like train_default_lora.optimizer_step: this process's batch, the gradients summed over
-    the processes once (timed separately, after the backward pass has run), one AdamW step."""
+    the processes once (timed separately, after the backward pass has run), one AdamW step
+    (fp16: with the loss scaler)."""
+    from mixed_precision import LossScaler
     jt, model, gflops = jittor_setup(args)
     import distributed
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    scaler = LossScaler() if args.precision == "fp16" else None
     model.train()
-    times, losses, reduce_times = [], [], []
+    times, losses, reduce_times, memory = [], [], [], []
     for b, _, _ in data:
         n = int((b["targets"] != IGNORE_INDEX).sum())
         n_total = distributed.sum_over_ranks([n])[0]  # before the clock: the data of the step
         t = time.perf_counter()
         with distributed.no_sync():
             _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
-            opt.backward(loss * (n / n_total))
+            part = loss * (n / n_total)
+            opt.backward(part if scaler is None else scaler.scale_loss(part))
         jt.sync_all()
         t_reduce = time.perf_counter()
         loss_sum, = distributed.all_reduce_grads(opt, [loss.item() * n])
         jt.sync_all()
         reduce_times.append(time.perf_counter() - t_reduce)
-        opt.step()
-        jt.sync_all()
+        if scaler is None:
+            opt.step()
+        else:  # fp16: as train_default_lora.optimizer_step does it
+            scaler.step(opt)
+            scaler.update()
+        jt.sync_all(True)
         times.append(time.perf_counter() - t)
         losses.append(loss_sum / n_total)
+        memory.append(jittor_gpu_memory(jt))
     return times, {"matmul_gflops": gflops, "losses": losses, "allreduce_times": reduce_times,
-                   "processes": distributed.world_size}
+                   "processes": distributed.world_size, "gpu_allocator_mb": max_or_none(memory)}
 
 
 def jittor_generate(args, data):
     jt, model, gflops = jittor_setup(args)
     model.eval()
-    times, outputs = [], []
+    times, outputs, memory = [], [], []
     for ids, mask in data:
         t = time.perf_counter()
         out = model.generate(ids, args.max_new_tokens, eos_token_id=EOS_ID, attention_mask=mask)
         times.append(time.perf_counter() - t)
         outputs.append(out[:, ids.shape[1]:])
-    return times, {"matmul_gflops": gflops, "outputs": outputs}
+        memory.append(jittor_gpu_memory(jt))
+    return times, {"matmul_gflops": gflops, "outputs": outputs, "gpu_allocator_mb": max_or_none(memory)}
+
+
+def max_or_none(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
 
 
 def torch_setup(args):
+    """The PEFT model as PyTorch users run it: model.to(device), torch.autocast for bf16/fp16
+    (the weights stay float32), TF32 through torch.backends, default attention (sdpa)."""
     import torch
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    args.device, args.precision = resolve(args.device, args.precision, cuda, "torch.cuda.is_available() is False",
+                                          bf16_supported=not cuda or torch.cuda.is_bf16_supported())
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     torch.manual_seed(args.seed)
     base, adapter = ensure_prepared(args.model, args.seed)
     model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(base)), str(adapter),
-                                      is_trainable=args.task == "train")
-    gflops = matmul_rate(lambda a, b, t: a @ (b.T if t else b), lambda *s: torch.randn(*s), lambda v: v,
-                         MODELS[args.model]["n_embd"])
-    return torch, model, gflops
+                                      is_trainable=args.task == "train").to(args.device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    autocast = lambda: torch.autocast(args.device, dtype=half, enabled=half is not None)  # noqa: E731
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    gflops = matmul_rate(lambda a, b, t: a @ (b.T if t else b),
+                         lambda *s: torch.randn(*s, device=args.device, dtype=half or torch.float32),
+                         lambda v: sync(), MODELS[args.model]["n_embd"])
+    return torch, model, gflops, autocast
+
+
+def torch_gpu_memory(torch, args):
+    if args.device != "cuda":
+        return {}
+    return {"gpu_allocator_mb": torch.cuda.max_memory_reserved() / 2 ** 20,
+            "gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
 def torch_train(args, data):
-    torch, model, gflops = torch_setup(args)
+    torch, model, gflops, autocast = torch_setup(args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
     model.train()
     times, losses = [], []
     for b, _, _ in data:
-        labels = np.full(b["targets"].shape, IGNORE_INDEX, dtype=np.int64)
-        labels[:, 1:] = b["targets"][:, :-1]  # HF shifts inside: labels[t] is predicted at t - 1
+        ids, mask, labels = hf_batch(b)
         t = time.perf_counter()
-        out = model(input_ids=torch.tensor(b["input_ids"], dtype=torch.long),
-                    attention_mask=torch.tensor(b["attention_mask"], dtype=torch.long),
-                    labels=torch.tensor(labels))
-        out.loss.backward()
-        opt.step()
+        with autocast():
+            out = model(input_ids=torch.tensor(ids).to(args.device), attention_mask=torch.tensor(mask).to(args.device),
+                        labels=torch.tensor(labels).to(args.device))
+        scaler.scale(out.loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        losses.append(out.loss.item())  # waits for the whole step
         times.append(time.perf_counter() - t)
-    return times, {"matmul_gflops": gflops, "losses": losses,
+    return times, {"matmul_gflops": gflops, "losses": losses, **torch_gpu_memory(torch, args),
                    "attn_implementation": model.base_model.model.config._attn_implementation}
 
 
 def torch_generate(args, data):
-    torch, model, gflops = torch_setup(args)
+    torch, model, gflops, autocast = torch_setup(args)
     model.eval()
     times, outputs = [], []
     for ids, mask in data:
         t = time.perf_counter()
-        out = model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
-                             attention_mask=torch.tensor(mask, dtype=torch.long),
-                             max_new_tokens=args.max_new_tokens, do_sample=False,
-                             eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+        with autocast():
+            out = model.generate(input_ids=torch.tensor(ids, dtype=torch.long).to(args.device),
+                                 attention_mask=torch.tensor(mask, dtype=torch.long).to(args.device),
+                                 max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+        new = out[:, ids.shape[1]:].cpu().numpy()  # waits for the device
         times.append(time.perf_counter() - t)
-        outputs.append(out[:, ids.shape[1]:].numpy())
-    return times, {"matmul_gflops": gflops, "outputs": outputs,
+        outputs.append(new)
+    return times, {"matmul_gflops": gflops, "outputs": outputs, **torch_gpu_memory(torch, args),
                    "attn_implementation": model.base_model.model.config._attn_implementation}
 
 
@@ -360,7 +489,7 @@ def run_train(args, rank=0, world_size=1):
         "flops_per_step_G": float(flops.mean() / 1e9), "achieved_gflops": achieved,
         "matmul_gflops": extra["matmul_gflops"],
         "fraction_of_matmul_limit": achieved / extra["matmul_gflops"],
-        **({"attn_implementation": extra["attn_implementation"]} if "attn_implementation" in extra else {}),
+        **{k: extra[k] for k in ("attn_implementation", "gpu_allocator_mb", "gpu_allocated_mb") if k in extra},
         **({"processes": extra["processes"], "allreduce": stats(extra["allreduce_times"][args.warmup:]),
             "allreduce_fraction": float(np.sum(extra["allreduce_times"][args.warmup:]) / np.sum(measured))}
            if "allreduce_times" in extra else {}),
@@ -385,12 +514,13 @@ def run_generate(args):
         "generated_sha1": digest,  # equal on both sides when the greedy tokens agree
         "achieved_gflops": flops / total / 1e9, "matmul_gflops": extra["matmul_gflops"],
         "fraction_of_matmul_limit": flops / total / 1e9 / extra["matmul_gflops"],
-        **({"attn_implementation": extra["attn_implementation"]} if "attn_implementation" in extra else {}),
+        **{k: extra[k] for k in ("attn_implementation", "gpu_allocator_mb", "gpu_allocated_mb") if k in extra},
     }
 
 
 def print_table(r):
-    rows = [("framework", r["framework"]), ("task", r["task"]), ("model", r["config"]["model"])]
+    rows = [("framework", r["framework"]), ("task", r["task"]), ("model", r["config"]["model"]),
+            ("device, precision", f"{r['device']}{' (' + r['gpu'] + ')' if r['gpu'] else ''}, {r['precision']}")]
     if r["task"] == "train":
         s = r["step"]
         if "processes" in r:
@@ -408,6 +538,11 @@ def print_table(r):
              ("achieved / matmul GFLOP/s", f"{r['achieved_gflops']:.1f} / {r['matmul_gflops']:.1f} "
                                            f"= {100 * r['fraction_of_matmul_limit']:.0f}%"),
              ("peak RSS", f"{r['peak_rss_mb']:.0f} MB")]
+    if r["device"] == "cuda":
+        rows += [("peak GPU memory: allocator / nvidia-smi", f"{r.get('gpu_allocator_mb') or 0:.0f} / "
+                                                            f"{r.get('gpu_memory_smi_mb') or 0:.0f} MiB")]
+    if r["mfu"] is not None:
+        rows += [("MFU (vs dense bf16 peak)", f"{100 * r['mfu']:.1f}% of {r['peak_bf16_tflops']:.0f} TFLOP/s")]
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), file=sys.stderr)
 
@@ -440,6 +575,13 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide GPT-2 (smoke tests)")
     p.add_argument("--model", choices=list(MODELS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="weights, adapter and batch order")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto (CUDA when a usable GPU is there), cpu or cuda; the same for either framework")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="fp32, tf32 (CUDA), bf16 or fp16; Jittor: mixed_precision.py, PyTorch: torch.autocast "
+                        "(bf16/fp16), TF32 matmuls (tf32). auto: fp32 on the CPU, bf16 on CUDA")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak of the GPU for MFU (default: from its name, NVIDIA's datasheets)")
     args = p.parse_args(argv)
     args.model = args.model or ("tiny" if args.tiny else "gpt2-124M")
     if args.task == "prepare":
@@ -454,9 +596,16 @@ def main(argv=None):
     rank, world_size = mpi_rank_and_size()
     if world_size > 1 and (args.task != "train" or args.framework != "jittor"):
         p.error("under mpirun only `train --framework jittor` runs (Jittor's MPI)")
-    result = run_train(args, rank, world_size) if args.task == "train" else run_generate(args)
+    gpu = (nvidia_smi("name") or [None])[0]
+    try:
+        with GpuMemoryPeak() if gpu else contextlib.nullcontext() as memory:
+            result = run_train(args, rank, world_size) if args.task == "train" else run_generate(args)
+    except (RuntimeError, ValueError) as e:  # e.g. --device cuda without a usable GPU
+        sys.exit(f"error: {e}")
     if rank:
         return  # rank 0 reports
+    peak, source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else peak_bf16_tflops(gpu)
+    on_gpu = args.device == "cuda"
     config = {"model": args.model, **MODELS[args.model], "lora": LORA, "lr": LR, "weight_decay": WEIGHT_DECAY,
               "batch_size": args.batch_size, "processes": world_size, "max_length": args.max_length,
               "threads": args.threads,
@@ -465,8 +614,12 @@ def main(argv=None):
         config["steps"], config["warmup"] = args.steps, args.warmup
     else:
         config.update(questions=args.questions, max_new_tokens=args.max_new_tokens, warmup=args.warmup)
-    result = {"task": args.task, "framework": args.framework, "config": config, **result,
-              "peak_rss_mb": peak_rss_mb()}
+    result = {"task": args.task, "framework": args.framework, "config": config,
+              "device": args.device, "precision": args.precision, "gpu": gpu if on_gpu else None, **result,
+              "peak_rss_mb": peak_rss_mb(), "gpu_memory_smi_mb": memory.peak_mb if on_gpu and gpu else None,
+              # model FLOP utilisation: the FLOPs the work needs (flop accounting above) / time / peak
+              "mfu": result["achieved_gflops"] / (peak * 1e3) if on_gpu and peak else None,
+              "peak_bf16_tflops": peak if on_gpu else None, "peak_source": source if on_gpu else None}
     print(json.dumps(result))
     print_table(result)
 

@@ -12,6 +12,7 @@ No Jittor here (numpy + the tokenizer only), so this module tests fast.
 """
 import json
 import os
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -438,3 +439,51 @@ def split_by_article(examples, val_fraction=0.1, seed=0):
     val = [ex for ex in examples if group_of[ex.context] in val_groups]
     assert not {ex.context for ex in train} & {ex.context for ex in val}
     return train, val
+
+
+# ----------------------------------------------------------------------------
+# The data of a training run (train_default_lora.py and train_pytorch_lora.py read it alike)
+
+@dataclass
+class Data:
+    train_examples: list      # SquadExample, for EM/F1 on training questions
+    train_path: Path
+    train_features: list      # encoded, what the loop trains on
+    eval_examples: list
+    eval_path: Path
+    eval_batches: list        # collated held-out batches for the validation loss
+
+
+def log(msg):
+    print(msg, file=sys.stderr)
+
+
+def load_data(cfg, tokenizer):
+    """The training and held-out questions of a run (a train_config.TrainConfig), read, checked
+    and encoded (held-out ones collated for the loss)."""
+    train_path = Path(cfg.train_file) if cfg.train_file else ensure_squad("train")
+    train_ex, bad = read_squad(train_path, skip_bad=cfg.skip_bad)
+    if cfg.eval_file:
+        eval_path = Path(cfg.eval_file)
+        eval_ex, bad_eval = read_squad(eval_path, skip_bad=cfg.skip_bad)
+        bad += bad_eval
+    elif cfg.demo:  # the sample file is split by article: no paragraph on both sides
+        eval_path = train_path
+        train_ex, eval_ex = split_by_article(train_ex, val_fraction=0.2, seed=cfg.seed)
+    else:
+        eval_path = ensure_squad("dev")
+        eval_ex, bad_eval = read_squad(eval_path, skip_bad=cfg.skip_bad)
+        bad += bad_eval
+    if bad:
+        log(f"skipped {bad} malformed questions (--skip-bad)")
+    leaked = {e.context for e in train_ex} & {e.context for e in eval_ex}
+    if leaked:
+        log(f"warning: {len(leaked)} paragraphs are in both the training and the evaluation file")
+    if cfg.max_train_examples:
+        train_ex = train_ex[:cfg.max_train_examples]
+    train_f, cut = encode_dataset(tokenizer, train_ex, cfg.max_length, cfg.loss_on)
+    eval_f, cut_eval = encode_dataset(tokenizer, eval_ex[:cfg.eval_examples], cfg.max_length, cfg.loss_on)
+    log(f"train: {len(train_f)} questions from {train_path} ({cut} contexts cut to {cfg.max_length} tokens); "
+        f"held-out: {len(eval_ex)} questions from {eval_path}, {len(eval_f)} used for the loss ({cut_eval} cut)")
+    eval_batches = [collate([eval_f[i] for i in b]) for b in batches(eval_f, cfg.batch_size, 0, 0, shuffle=False)]
+    return Data(train_ex, train_path, train_f, eval_ex, eval_path, eval_batches)

@@ -6,7 +6,9 @@ Every script imports Jittor through this file, because two things must happen
 1. CUDA probing. Jittor looks for `nvcc`; on a machine with an nvcc but no GPU
    driver, `import jittor` dies on a missing libcudart.so. With no GPU visible
    we set `nvcc_path=""` so Jittor builds for CPU only. With a GPU visible we
-   let Jittor find CUDA and switch `jt.flags.use_cuda` on.
+   let Jittor find CUDA (its first CUDA import compiles for minutes); whether a
+   run then uses the GPU is runtime.py's choice (--device), not this file's.
+   `nvcc_path= python ...` keeps Jittor on the CPU even with a GPU.
 2. oneDNN. At first import Jittor downloads its oneDNN build
    (dnnl_lnx_2.2.0_cpu_gomp) from its own server; offline that fails. Debian's
    oneDNN 2.x (`apt-get install libdnnl-dev`, done by `make setup`) works in
@@ -110,8 +112,5 @@ def check_mpi():
 # smallest subnormal is zero" the first time it is asked. Harmless for float32 training.
 warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 
-_use_gpu = prepare()
+GPU_VISIBLE = prepare()
 import jittor as jt  # noqa: E402  (must follow prepare())
-
-if _use_gpu and jt.has_cuda:
-    jt.flags.use_cuda = 1

@@ -61,7 +61,8 @@ def target_matches(name, targets):
 
 
 class LoRAGPT(nn.Module):
-    def __init__(self, base_model, lora_config=None):
+    def __init__(self, base_model, lora_config=None, seed=0):
+        """seed: the initial A matrices (init_weights.lora_A; the same for the same seed on every MPI rank)."""
         self.model = base_model
         self.lora_config = lora_config = lora_config or LoRAConfig()
         self.lora_modules = {}  # module name (as in GPT, e.g. "h.0.attn.c_attn") -> LoRALinear
@@ -74,7 +75,7 @@ class LoRAGPT(nn.Module):
                 continue  # r = 0: no adapter on this module
             wrapped = LoRALinear(module, r, alpha, lora_config.dropout, lora_config.init,
                                  lora_config.use_rslora,
-                                 enable=lora_config.qkv if attr == "c_attn" else None)
+                                 enable=lora_config.qkv if attr == "c_attn" else None, seed=seed, name=name)
             setattr(parent, attr, wrapped)
             self.lora_modules[name] = wrapped
         found = {t for t in lora_config.target_modules

@@ -72,7 +72,9 @@ def load_safetensors(path):
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for a bad header or a short file
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        cause = " ".join(str(e).split())  # one line; the parser quotes the bad header, which can be huge
+        cause = cause if len(cause) <= 300 else cause[:150] + " ... " + cause[-150:]
+        raise ValueError(f"{path}: not a valid safetensors file ({cause})") from None
 
 
 # ----------------------------------------------------------------------------

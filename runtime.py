@@ -1,6 +1,17 @@
-"""Where and how the model runs: the one place that chooses the implementation.
+"""Where and how the model runs: the one place that chooses the device, the precision and
+the implementation.
 
-    model = runtime.prepare(LoRAGPT(GPT.from_pretrained("gpt2"), LoRAConfig()))
+    model = runtime.prepare(LoRAGPT(GPT.from_pretrained("gpt2"), LoRAConfig()))            # auto
+    model = runtime.prepare(model, device="cuda", precision="bf16")
+    print(runtime.describe(model))
+
+Device and precision (names, defaults and rules in mixed_precision.py): prepare() switches
+Jittor to the device (jt.flags.use_cuda, global in Jittor: every op of the process follows
+it), sets TF32 (jt.flags.use_tensorcore, CUDA only) and, for bf16/fp16, stores the frozen
+base weights that feed matmuls (projections, embeddings) in half. LoRA A/B and LayerNorm stay
+float32; the model files cast activations where the dtypes meet (GPT2_jittor.as_dtype), so
+each matmul has inputs of one dtype and LayerNorm, softmax and the loss run in float32. In
+fp32 those casts are no-ops and the code is exactly the float32 reference.
 
 The model files (GPT2_jittor.py, LoRA.py) hold the plain formulas, which run anywhere
 Jittor runs and are the reference. On CPU with oneDNN, cpu_kernels.py computes the same
@@ -11,13 +22,18 @@ formulas as fused kernels; prepare() switches a model to them by
 - setting `fused` on the attention layers (their one switch, as nanoGPT's `flash`) and on
   the GPT (packed training on the real tokens only, in-place KV cache, LM head).
 
-prepare(model, fused=False) switches back; tests compare both on the same weights.
+prepare(model, fused=False) switches back; tests compare both on the same weights. The fused
+kernels run only on the CPU in fp32.
 """
 import contextlib
 
+import numpy as np
+
+import jittor_env
 from jittor_env import jt
 from jittor import nn
 import cpu_kernels
+import mixed_precision
 from GPT2_jittor import GPT, CausalSelfAttention, Conv1D, LayerNorm, NewGELU
 from LoRA import LoRALinear
 
@@ -79,11 +95,49 @@ def fused_kernels_available():
     return cpu_kernels.available()
 
 
-def prepare(model, fused=None):
-    """Switch `model` (a GPT or LoRAGPT) to the fused CPU kernels where they run (fused=None),
-    or to the plain Jittor code (fused=False). Returns the model."""
+def cuda_status():
+    """(usable, why not): whether Jittor can run on a GPU in this process."""
+    if jt.has_cuda:
+        return True, ""
+    if not jittor_env.GPU_VISIBLE:
+        return False, "nvidia-smi lists no GPU, so jittor_env.py imported Jittor without CUDA"
+    return False, "a GPU is listed but Jittor was built without CUDA (no nvcc found, or nvcc_path set empty)"
+
+
+def resolve(device="auto", precision="auto"):
+    """(device, precision) this machine runs for the given choices ("auto" resolved)."""
+    usable, why_not = cuda_status()
+    # bf16 tensor cores from compute capability 8.0 (Ampere) on; Jittor lists the GPU's archs
+    archs = list(getattr(jt.flags, "cuda_archs", []) or []) if usable else []
+    return mixed_precision.resolve(device, precision, usable, why_not, bf16_supported=not archs or min(archs) >= 80)
+
+
+def prepare(model, device="auto", precision="auto", fused=None):
+    """Put `model` (a GPT or LoRAGPT) on `device` in `precision` (see the module doc), with the
+    fused CPU kernels where they run (fused=None: CPU, fp32 and oneDNN), or the plain Jittor
+    code (fused=False). Returns the model.
+
+    Going back from half to float32 keeps the half-rounded weights: reload for exact fp32.
+    """
+    device, precision = resolve(device, precision)
+    jt.flags.use_cuda = int(device == "cuda")
+    if device == "cuda":
+        # With half inputs cuBLAS uses tensor cores with fp32 accumulation at 0 already; a
+        # non-zero value would switch it to fp16 accumulation (cublas_matmul_op.cc).
+        jt.flags.use_tensorcore = int(precision == "tf32")
+    half = precision in mixed_precision.HALF_DTYPES
+    # Level 3 keeps every op in its inputs' dtype and, above all, casts each gradient to its
+    # tensor's dtype (grad.cc): at level 0 a half tensor that met float32 (the residual add)
+    # gets a float32 gradient, and the matmul behind it then has inputs of two dtypes, which
+    # cuBLAS and oneDNN refuse. Levels >= 4 would turn float32 ops into half: not used.
+    jt.flags.auto_mixed_precision_level = 3 if half else 0
+    cast_base_weights(model, mixed_precision.HALF_DTYPES[precision] if half else "float32")
+    can_fuse = device == "cpu" and precision == "fp32"
     if fused is None:
-        fused = fused_kernels_available()
+        fused = can_fuse and fused_kernels_available()
+    if fused and not can_fuse:
+        raise RuntimeError(f"fused CPU kernels run on the CPU in fp32 only, not with --device {device} "
+                           f"--precision {precision}")
     if fused and not fused_kernels_available():
         raise RuntimeError("fused CPU kernels need Jittor on the CPU with oneDNN "
                            "(install Debian's libdnnl-dev: `make setup` does it)")
@@ -94,6 +148,33 @@ def prepare(model, fused=None):
         if isinstance(m, (GPT, CausalSelfAttention)):
             m.fused = fused
     return model
+
+
+def cast_base_weights(model, dtype):
+    """Store the base weights that feed matmuls (Conv1D / LoRALinear weight and bias, the token
+    and position embeddings) in `dtype`, in place (the Vars keep their stop_grad). LayerNorm
+    and the LoRA A/B weights are not touched: they stay float32."""
+    for m in model.modules():
+        if isinstance(m, (Conv1D, LoRALinear)):
+            params = (m.weight, m.bias)
+        elif isinstance(m, nn.Embedding):
+            params = (m.weight,)
+        else:
+            continue
+        for p in params:
+            if p.dtype != dtype:
+                p.assign(rounded(p, dtype))
+
+
+def rounded(x, dtype):
+    """x cast to `dtype`, rounded to nearest even as torch and CUDA round. Jittor's CPU
+    conversion to bfloat16 truncates (src/type/fp16_compute.h: `x >> 16`), so bfloat16 is
+    rounded here, in float32 bits, before the (then exact) cast."""
+    if dtype != "bfloat16":
+        return x.cast(dtype)
+    bits = x.float32().numpy().view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return jt.array(bits.astype(np.uint32).view(np.float32)).cast(dtype)
 
 
 def is_fused(model):
@@ -108,3 +189,23 @@ def dropout_keys(model, example_ids, attention_mask, seed):
     if is_fused(model):
         return cpu_kernels.token_keys(example_ids, attention_mask, seed)
     return contextlib.nullcontext()
+def precision_of(model):
+    """The precision `model` runs in, read back from its weights and Jittor's flags."""
+    gpt = next(m for m in model.modules() if isinstance(m, GPT))
+    half = {dtype: name for name, dtype in mixed_precision.HALF_DTYPES.items()}
+    dtype = str(gpt.wte.weight.dtype)
+    if dtype in half:
+        return half[dtype]
+    return "tf32" if jt.flags.use_cuda and jt.flags.use_tensorcore else "fp32"
+
+
+def describe(model):
+    """One line for the start of a run: device, precision and implementation."""
+    precision = precision_of(model)
+    if precision in mixed_precision.HALF_DTYPES:
+        detail = (f"frozen base weights {mixed_precision.HALF_DTYPES[precision]}; LoRA weights, AdamW state, "
+                  f"LayerNorm, softmax and loss float32")
+    else:
+        detail = "float32, matmuls on TF32 tensor cores" if precision == "tf32" else "float32"
+    impl = "fused CPU kernels" if is_fused(model) else "plain Jittor"
+    return f"device {'cuda' if jt.flags.use_cuda else 'cpu'}, precision {precision} ({detail}), {impl}"

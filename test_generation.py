@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_lora_dataset import SquadExample, encode_prompt, load_squad_json, read_squad
+from mixed_precision import DEVICES, PRECISIONS
 from model_utils import EOS_ID, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
 from train_config import MIN_PROMPT_TOKENS
 
@@ -37,8 +38,9 @@ DEMO_ADAPTER = Path("checkpoints/demo/adapter")
 # ----------------------------------------------------------------------------
 # Loading
 
-def load_model(model_dir="gpt2", adapter_dir=None):
-    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given.
+def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto"):
+    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given,
+    on `device` in `precision` (runtime.prepare).
 
     Errors (missing folder, bad checkpoint, adapter made for another model) are
     FileNotFoundError / ValueError / RuntimeError whose message names the file.
@@ -51,7 +53,7 @@ def load_model(model_dir="gpt2", adapter_dir=None):
     model = GPT.from_pretrained(model_dir)
     if adapter_dir is not None:
         model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0)
-    return runtime.prepare(model).eval(), load_tokenizer(model_dir)
+    return runtime.prepare(model, device, precision).eval(), load_tokenizer(model_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -130,6 +132,33 @@ def answer_questions(model, tokenizer, examples, batch_size=8, max_new_tokens=32
 # ----------------------------------------------------------------------------
 # Data
 
+def score_run(model, tokenizer, cfg, data, out, save=atomic_write_json, answer=None):
+    """SQuAD EM/F1 of a training run's model (a train_config.TrainConfig and a
+    gpt2_lora_dataset.Data) by greedy generation on its first cfg.gen_eval_examples held-out
+    and cfg.train_gen_eval_examples training questions; writes predictions.json,
+    predictions_train.json and scores.json into `out` with save(path, obj).
+    answer(examples) -> {id: answer}, or None where nothing is to be written (an MPI rank
+    other than 0); default: answer_questions with the run's settings."""
+    if answer is None:
+        def answer(examples):
+            return answer_questions(model, tokenizer, examples, batch_size=cfg.batch_size,
+                                    max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
+    scores = {}
+    for name, examples, path, n in (("heldout", data.eval_examples, data.eval_path, cfg.gen_eval_examples),
+                                    ("train", data.train_examples, data.train_path, cfg.train_gen_eval_examples)):
+        if not n:
+            continue
+        preds = answer(examples[:n])
+        if preds is None:
+            continue
+        s = evaluate_squad(subset_dataset(load_squad_json(path), set(preds)), preds)
+        scores[name] = {**s, "questions": len(preds)}
+        save(out / ("predictions.json" if name == "heldout" else "predictions_train.json"), preds)
+        print(f"{name} SQuAD EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}  on {len(preds)} questions", file=sys.stderr)
+    if scores:
+        save(out / "scores.json", scores)
+
+
 def subset_dataset(data, ids):
     """The raw SQuAD `data` list keeping only the questions in `ids` (and the articles and
     paragraphs that still hold one), so that evaluate_squad scores exactly those questions."""
@@ -202,6 +231,11 @@ if __name__ == "__main__":
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto (CUDA when a usable GPU is there), cpu or cuda")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="fp32, tf32 (CUDA), bf16 or fp16 (frozen weights in half); auto: fp32 on the CPU, "
+                             "bf16 on CUDA")
     args = parser.parse_args()
     if (args.context is None) != (args.question is None):
         parser.error("--context and --question go together")
@@ -222,6 +256,12 @@ if __name__ == "__main__":
         parser.error(f"--top-p must be in (0, 1], not {args.top_p}")
     if args.seed is not None and not 0 <= args.seed < 2 ** 31:
         parser.error(f"--seed must be in [0, 2^31), not {args.seed}")
+    import runtime  # imports Jittor: after the checks that need none
+    try:  # tf32 needs CUDA, --device cuda a usable GPU: usage errors (exit 2), before any file is read
+        runtime.resolve(args.device, args.precision)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     demo_mode = args.data is None and args.context is None
     gen = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -251,10 +291,11 @@ if __name__ == "__main__":
             examples = [SquadExample("question", "", args.context, args.question, [], -1)]
         else:
             examples = demo_examples()
-        model, tokenizer = load_model(model_dir, adapter_dir)
+        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision)
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
-    print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else ""), file=sys.stderr)
+    print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
+          f"; {runtime.describe(model)}", file=sys.stderr)
     gen["max_length"] = min(args.max_length, model.config.n_positions)  # what answer_questions uses; recorded
 
     try:  # a question too long for --max-length, a failed write: one line, exit 1
@@ -286,7 +327,7 @@ if __name__ == "__main__":
             scores = evaluate_squad(subset_dataset(data, predictions) if subset else data, predictions)
             report = {**scores, "questions": len(examples), "questions_in_file": n_all, "data": str(args.data),
                       "model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
-                      "predictions": str(output), **gen}
+                      "predictions": str(output), "runtime": runtime.describe(model), **gen}
             atomic_write_json(scores_path, report)
             if subset:
                 print(f"scored over the first {len(examples)} of {n_all} questions only (--limit), not the whole file")

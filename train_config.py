@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from mixed_precision import DEVICES, PRECISIONS
+
 # ----------------------------------------------------------------------------
 # Configuration: the seed's defaults (r=8, alpha=16, dropout 0.1, lr 5e-4, 3 epochs,
 # c_attn/c_proj/c_fc, eval every 50 steps, save every 100) plus what a real run needs.
@@ -49,6 +51,11 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many optimizer steps (0 = all epochs)")
     max_train_examples: int = option(0, "use only the first N training questions (0 = all; the seed used 100)")
     seed: int = option(42, "seed for data order, LoRA init and dropout")
+    # where it runs (mixed_precision.py)
+    device: str = option("auto", "auto (CUDA when a usable GPU is there, else the CPU), cpu or cuda")
+    precision: str = option("auto", "fp32; tf32 (CUDA); bf16 or fp16: frozen base weights in half, LoRA, AdamW, "
+                                    "LayerNorm, softmax and loss in float32, fp16 with dynamic loss scaling; "
+                                    "auto: fp32 on the CPU, bf16 on CUDA")
     # data
     max_length: int = option(512, "longest example in tokens; longer contexts are cut around the answer")
     loss_on: str = option("answer", "'answer': loss on answer tokens only; 'all': on every token (the seed's way)")
@@ -79,7 +86,7 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       train_gen_eval_examples=16, max_new_tokens=12)
 # batch_size and grad_accum may change with the number of processes; the global batch
 # (batch_size x grad_accum x processes) must stay, which resuming checks against the checkpoint.
-RESUME_MAY_CHANGE = {"max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
+RESUME_MAY_CHANGE = {"device", "max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
                      "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens",
                      "batch_size", "grad_accum"}
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
@@ -102,7 +109,7 @@ class UsageError(ValueError):
 MIN_PROMPT_TOKENS = 10
 MIN_MAX_LENGTH = MIN_PROMPT_TOKENS + 1
 CHOICES = {"init": ("kaiming", "gaussian"), "schedule": ("cosine", "linear", "constant"),
-           "loss_on": ("answer", "all")}
+           "loss_on": ("answer", "all"), "device": DEVICES, "precision": PRECISIONS}
 # What the targets may name: GPT-2's projections, alone or with their parents (PEFT's suffix
 # rule), e.g. c_attn, mlp.c_proj, h.0.attn.c_attn.
 TARGET_NAME = re.compile(r"((h\.)?\d+\.)?(((attn\.)?c_attn)|((attn|mlp)\.)?c_proj|((mlp\.)?c_fc))")
@@ -195,6 +202,12 @@ def read_saved_config(path):
 
 # ----------------------------------------------------------------------------
 # The learning-rate schedule
+
+def total_steps(cfg, steps_per_epoch):
+    """Optimizer steps of the whole run: --epochs passes of steps_per_epoch (the training
+    examples / the global batch, rounded up), or --max-steps when that comes first."""
+    return min(cfg.max_steps, steps_per_epoch * cfg.epochs) if cfg.max_steps else steps_per_epoch * cfg.epochs
+
 
 def learning_rate(step, cfg, total_steps):
     """lr for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay to 0."""

@@ -9,9 +9,10 @@ Ready to paste:
     OMP_NUM_THREADS=1 mpirun -np 2 python train_default_lora.py --demo       # 2 processes (README: MPI)
 
 Writes into --output-dir: config.json (this run's settings), train_loss.txt / val_loss.txt
-(step<TAB>loss), metrics.jsonl, checkpoint-<step>/ (PEFT adapter + optimizer state, written
-atomically, with checksums), adapter/ (the final PEFT-format adapter), predictions.json and
-scores.json (SQuAD EM/F1 by greedy generation), curves.png; .lock while it runs.
+(step<TAB>loss), metrics.jsonl, adapter-step0/ (the starting adapter), checkpoint-<step>/
+(PEFT adapter + optimizer state, written atomically, with checksums), adapter/ (the final
+PEFT-format adapter), base_model/ (with --random-base), predictions.json and scores.json
+(SQuAD EM/F1 by greedy generation), curves.png; .lock while it runs.
 
 A run killed at any moment continues with --resume and ends with exactly the adapter and
 logs of an uninterrupted run; --resume after training finished redoes only the final phase.
@@ -38,24 +39,26 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from jittor_env import jt
 import distributed
-from GPT2_jittor import GPT, GPTConfig
+from GPT2_jittor import GPT
+from gpt2_config import parse_shape
+from init_weights import base_model_dir, save_random_gpt2
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
+from mixed_precision import LossScaler
 import runtime
-from gpt2_lora_dataset import (batches, collate, count_supervised, encode_dataset, ensure_squad, load_squad_json,
-                               rank_share, read_squad, split_by_article)
-from model_utils import IGNORE_INDEX, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
+from gpt2_lora_dataset import Data, batches, collate, count_supervised, load_data, rank_share
+from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
-from test_generation import answer_questions, subset_dataset
+from test_generation import answer_questions, score_run
 from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, check, learning_rate,
-                          parse_args, read_saved_config)
+                          parse_args, read_saved_config, total_steps)
 from train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
                          latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
                          remove_leftovers, replace_folder, restore_checkpoint, save_checkpoint, stop_at, truncate_log,
@@ -85,38 +88,8 @@ def evaluate_loss(model, batches_):
     return total / max(count, 1)
 
 
-def parse_shape(text):
-    """'n_layer=2,n_embd=128' -> {"n_layer": 2, "n_embd": 128}, checked against GPTConfig."""
-    known = {f.name: f.type for f in fields(GPTConfig)}
-    shape = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, _, value = item.partition("=")
-        if key not in known or not value:
-            raise UsageError(f"--random-base: {item!r} is not a GPTConfig field=value "
-                             f"(fields: {', '.join(known)})")
-        try:
-            shape[key] = known[key](value)
-        except ValueError:
-            raise UsageError(f"--random-base: {item!r}: {value!r} is not of type {known[key].__name__}") from None
-    try:
-        GPTConfig.from_hf_config(shape, source="--random-base")  # the same checks as a config.json
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return shape
-
-
 # ----------------------------------------------------------------------------
 # Phase 1: prepare a run
-
-@dataclass
-class Data:
-    train_examples: list      # SquadExample, for EM/F1 on training questions
-    train_path: Path
-    train_features: list      # encoded, what the loop trains on
-    eval_examples: list
-    eval_path: Path
-    eval_batches: list        # collated held-out batches for the validation loss
-
 
 @dataclass
 class Run:
@@ -129,6 +102,7 @@ class Run:
     data: Data
     total: int                # optimizer steps of the whole run
     global_batch: int         # examples per optimizer step: batch_size x grad_accum x processes
+    scaler: LossScaler = None # fp16: dynamic loss scaling (None in other precisions)
     step: int = 0             # optimizer steps done
     epoch: int = 0            # the epoch the next step is in (0-based)
     batches: int = 0          # global batches of that epoch done
@@ -156,28 +130,36 @@ def prepare(cfg, resume):
                          betas=(0.9, 0.999))
     global_batch = cfg.batch_size * cfg.grad_accum * distributed.world_size
     per_epoch = math.ceil(len(data.train_features) / global_batch)
-    total = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
+    total = total_steps(cfg, per_epoch)
     log(f"global batch: {global_batch} examples per optimizer step (--batch-size {cfg.batch_size} x "
         f"--grad-accum {cfg.grad_accum} x {distributed.world_size} process(es)); {per_epoch} steps per epoch")
-    run = Run(cfg, out, model, tokenizer, opt, data, total, global_batch)
+    scaler = LossScaler() if runtime.precision_of(model) == "fp16" else None
+    run = Run(cfg, out, model, tokenizer, opt, data, total, global_batch, scaler)
     restore(run, resume)
     distributed.check_same_on_all_ranks(model.trainable_parameters(), "LoRA weights")
+    if run.step == 0 and distributed.is_main:  # the starting point, to compare with train_pytorch_lora.py's
+        with writing(out / ".tmp-adapter-step0"):
+            model.save_lora_weights(out / ".tmp-adapter-step0")
+        replace_folder(out / ".tmp-adapter-step0", out / "adapter-step0")
     return run
 
 
 def restore(run, resume):
     """Resuming: the weights, AdamW moments and data position of the newest good checkpoint
-    (damaged ones are reported and skipped). Either way the logs are left holding only the
-    steps done (a resumed run re-does later ones). Under MPI rank 0 verifies the checkpoints,
-    moves damaged ones aside and chooses; every other rank loads the one it chose."""
+    (damaged ones are reported and skipped), and in fp16 the loss scale. Either way the logs
+    are left holding only the steps done (a resumed run re-does later ones). Under MPI rank 0
+    verifies the checkpoints, moves damaged ones aside and chooses; every other rank loads the
+    one it chose."""
     state = None
     if resume:
         if distributed.is_main:
-            state = restore_checkpoint(run.out, run.model, run.opt, log)
+            state = restore_checkpoint(run.out, run.model, run.opt, log, run.scaler)
         chosen = distributed.all_gather(state and state["step"])[0]  # rank 0's choice (None: no checkpoint)
         if not distributed.is_main and chosen is not None:
             tensors, state = read_checkpoint(checkpoint_path(run.out, chosen), run.model)
             load_into(run.model, run.opt, tensors)
+            if run.scaler is not None:
+                run.scaler.load_state_dict(state["loss_scaler"])
     if state is not None:
         # The data position counts global batches of the epoch; the epoch's global batches are
         # the same only for the same global batch size (split any way into micro-batches and processes).
@@ -223,63 +205,30 @@ def open_output_dir(cfg, resume):
 
 def build_model(cfg, out):
     """(LoRAGPT, base model folder): GPT-2 from --model, or a random one (--random-base), with adapters."""
-    if cfg.random_base:
-        base_dir = out / "base_model"
-        shape = parse_shape(cfg.random_base)
-        if distributed.is_main and not ((base_dir / "config.json").is_file()
-                                        and (base_dir / "model.safetensors").is_file()):
-            jt.set_global_seed(cfg.seed)
-            tmp = out / ".tmp-base_model"
-            with writing(tmp):
-                GPT(GPTConfig(**shape)).save_pretrained(tmp)
-            stop_at("base_model")
-            replace_folder(tmp, base_dir)
-        distributed.barrier()  # built once, by rank 0, before any rank loads it
-        log(f"NOTE: the base model in {base_dir} is a RANDOM-initialised GPT-2 ({cfg.random_base}), "
-            f"not pretrained GPT-2: this run shows the pipeline working end to end; it cannot "
-            f"answer questions the way a pretrained GPT-2 + LoRA does.")
-    else:
-        base_dir = ensure_gpt2(cfg.model)
+    # a random base is drawn once, by rank 0, before any rank loads it
+    save = save_base_model if distributed.is_main else (lambda *args: None)
+    base_dir = base_model_dir(cfg, out, log, save=save)
+    distributed.barrier()
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
-    base = GPT.from_pretrained(base_dir)
-    # LoRA A init: the same whether or not this process just built the base, and on every
-    # rank (Jittor's default seeding adds rank * 2591)
-    jt.set_global_seed(cfg.seed, different_seed_for_mpi=False)
-    model = runtime.prepare(LoRAGPT(base, lora_cfg))  # the fused CPU kernels where they run
+    # A drawn from NumPy by (--seed, module name): the same start as train_pytorch_lora.py's,
+    # and the same on every rank
+    model = LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg, seed=cfg.seed)
+    # device, precision, and the fused CPU kernels where they run
+    model = runtime.prepare(model, cfg.device, cfg.precision)
+    log(runtime.describe(model))
     model.base_model_name_or_path = str(base_dir)
     return model, base_dir
 
 
-def load_data(cfg, tokenizer):
-    """The training and held-out questions, read, checked and encoded (held-out ones collated for the loss)."""
-    train_path = Path(cfg.train_file) if cfg.train_file else ensure_squad("train")
-    train_ex, bad = read_squad(train_path, skip_bad=cfg.skip_bad)
-    if cfg.eval_file:
-        eval_path = Path(cfg.eval_file)
-        eval_ex, bad_eval = read_squad(eval_path, skip_bad=cfg.skip_bad)
-        bad += bad_eval
-    elif cfg.demo:  # the sample file is split by article: no paragraph on both sides
-        eval_path = train_path
-        train_ex, eval_ex = split_by_article(train_ex, val_fraction=0.2, seed=cfg.seed)
-    else:
-        eval_path = ensure_squad("dev")
-        eval_ex, bad_eval = read_squad(eval_path, skip_bad=cfg.skip_bad)
-        bad += bad_eval
-    if bad:
-        log(f"skipped {bad} malformed questions (--skip-bad)")
-    leaked = {e.context for e in train_ex} & {e.context for e in eval_ex}
-    if leaked:
-        log(f"warning: {len(leaked)} paragraphs are in both the training and the evaluation file")
-    if cfg.max_train_examples:
-        train_ex = train_ex[:cfg.max_train_examples]
-    train_f, cut = encode_dataset(tokenizer, train_ex, cfg.max_length, cfg.loss_on)
-    eval_f, cut_eval = encode_dataset(tokenizer, eval_ex[:cfg.eval_examples], cfg.max_length, cfg.loss_on)
-    log(f"train: {len(train_f)} questions from {train_path} ({cut} contexts cut to {cfg.max_length} tokens); "
-        f"held-out: {len(eval_ex)} questions from {eval_path}, {len(eval_f)} used for the loss ({cut_eval} cut)")
-    eval_batches = [collate([eval_f[i] for i in b]) for b in batches(eval_f, cfg.batch_size, 0, 0, shuffle=False)]
-    return Data(train_ex, train_path, train_f, eval_ex, eval_path, eval_batches)
+def save_base_model(base_dir, config, seed):
+    """--random-base: the random GPT-2 (init_weights, NumPy), written whole or not at all."""
+    tmp = base_dir.with_name(".tmp-base_model")
+    with writing(tmp):
+        save_random_gpt2(tmp, config, seed)
+    stop_at("base_model")
+    replace_folder(tmp, base_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -340,7 +289,7 @@ def train_loop(run, stop_after=None, progress=True):
             stop = distributed.max_over_ranks(run.stop.signum or 0)
             if main and (run.step % cfg.save_interval == 0 or run.step == run.total or stop):
                 ckpt = save_checkpoint(out, model, run.opt, {"step": run.step, "epoch": run.epoch, "batches": run.batches,
-                                                             "global_batch": run.global_batch})
+                                                             "global_batch": run.global_batch}, run.scaler)
                 prune_checkpoints(out, cfg.keep_checkpoints, ckpt)  # only now that the new one is verified
             if stop:
                 distributed.barrier()  # no rank exits (and mpirun kills the job) before the checkpoint is written
@@ -360,8 +309,10 @@ def optimizer_step(run, batch):
     The step's loss is the sum of the token losses over every supervised token of the global
     batch divided by their number, however the batch is split into micro-batches and
     processes (transformers' num_items_in_batch): each micro-batch's mean loss is weighted by
-    its share of those tokens, and the ranks' gradients are summed."""
-    cfg, model, opt, features = run.cfg, run.model, run.opt, run.data.train_features
+    its share of those tokens, and the ranks' gradients are summed. In fp16 the loss is
+    scaled and a step whose gradients are not finite is skipped (run.scaler,
+    torch.amp.GradScaler's rule)."""
+    cfg, model, opt, scaler, features = run.cfg, run.model, run.opt, run.scaler, run.data.train_features
     n_total = count_supervised([features[i] for i in batch])  # every rank sees the whole global batch
     mine = [idx for idx in rank_share(batch, distributed.world_size, distributed.rank, cfg.grad_accum) if idx]
     # Dropout masks: a seed per step, so a resumed run draws what an uninterrupted one draws.
@@ -378,7 +329,8 @@ def optimizer_step(run, batch):
             with runtime.dropout_keys(model, idx, b["attention_mask"], step_seed):
                 _, loss = model(jt.array(b["input_ids"]), jt.array(b["targets"]),
                                 attention_mask=jt.array(b["attention_mask"]))
-            opt.backward(loss * (n / n_total))
+            part = loss * (n / n_total)
+            opt.backward(part if scaler is None else scaler.scale_loss(part))
             loss_sum += loss.item() * n
         if not mine:  # a short last batch left this rank nothing: it adds zero gradients
             opt.backward(sum(p.sum() for p in model.trainable_parameters()) * 0.0)
@@ -387,12 +339,21 @@ def optimizer_step(run, batch):
     if not math.isfinite(loss):  # the same value on every rank: they all stop here
         raise SystemExit(f"loss is {loss} at step {run.step + 1} (epoch {run.epoch + 1}); stopping. "
                          f"The last good checkpoint is {latest_checkpoint(run.out) or 'none'}; try a lower --lr.")
-    if cfg.clip > 0:  # on the summed gradient
-        opt.clip_grad_norm(cfg.clip)
-    # Jittor counts backward() calls in n_step; AdamW's bias correction must count
-    # optimizer steps (as torch does), which differ under gradient accumulation.
-    opt.n_step = run.step + 1
-    opt.step()
+    # on the summed gradient, the same on every rank; fp16: the gradients / scale, all finite
+    if scaler is None or scaler.unscale_(opt):
+        if cfg.clip > 0:
+            opt.clip_grad_norm(cfg.clip)
+        # Jittor counts backward() calls in n_step; AdamW's bias correction must count
+        # optimizer steps taken (as torch does), which differ under gradient accumulation and
+        # after steps the loss scaler skipped.
+        opt.n_step = run.step + 1 - (scaler.skipped_steps if scaler else 0)
+    else:
+        log(f"step {run.step + 1}: gradients not finite at loss scale {scaler.scale:g}: step skipped")
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)  # skipped when a gradient was not finite
+        scaler.update()
     return loss, sum(len(features[i].input_ids) for i in batch)
 
 
@@ -423,32 +384,23 @@ def finish(run):
 
 
 def final_scores(run):
-    """SQuAD EM/F1 by greedy generation on held-out (and optionally training) questions.
-    Under MPI each rank answers every W-th batch and rank 0 gathers the answers: the same
-    batches, so the same answers, as one process."""
-    cfg, data, scores = run.cfg, run.data, {}
-    for name, examples, path, n in (("heldout", data.eval_examples, data.eval_path, cfg.gen_eval_examples),
-                                    ("train", data.train_examples, data.train_path, cfg.train_gen_eval_examples)):
-        if not n:
-            continue
-        mine = answer_questions(run.model, run.tokenizer, examples[:n], batch_size=cfg.batch_size,
+    """SQuAD EM/F1 by greedy generation (test_generation.score_run), each file written
+    atomically. Under MPI each rank answers every W-th batch and rank 0 gathers the answers:
+    the same batches, so the same answers, as one process."""
+    cfg = run.cfg
+
+    def answer(examples):  # None on the ranks that do not write
+        mine = answer_questions(run.model, run.tokenizer, examples, batch_size=cfg.batch_size,
                                 max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                                 shard=(distributed.rank, distributed.world_size), progress=distributed.is_main)
         answers = {k: v for part in distributed.all_gather(mine) for k, v in part.items()}
-        if not distributed.is_main:
-            continue
-        preds = {ex.id: answers[ex.id] for ex in examples[:n]}
-        s = evaluate_squad(subset_dataset(load_squad_json(path), set(preds)), preds)
-        scores[name] = {**s, "questions": len(preds)}
-        stop_at("finish:predictions")
-        preds_file = run.out / ("predictions.json" if name == "heldout" else "predictions_train.json")
-        with writing(preds_file):
-            atomic_write_json(preds_file, preds)
-        log(f"{name} SQuAD EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}  on {len(preds)} questions")
-    if scores and distributed.is_main:
-        stop_at("finish:scores")
-        with writing(run.out / "scores.json"):
-            atomic_write_json(run.out / "scores.json", scores)
+        return {ex.id: answers[ex.id] for ex in examples} if distributed.is_main else None
+
+    def save(path, obj):
+        stop_at("finish:scores" if path.name == "scores.json" else "finish:predictions")
+        with writing(path):
+            atomic_write_json(path, obj)
+    score_run(run.model, run.tokenizer, cfg, run.data, run.out, save=save, answer=answer)
 
 
 # ----------------------------------------------------------------------------
@@ -458,7 +410,14 @@ def train(cfg, resume=False, stop_after=None, progress=True):
     as if interrupted (used by the resume tests)."""
     check(cfg)
     if cfg.random_base:
-        parse_shape(cfg.random_base)  # a bad shape is a usage error, found before anything is written
+        try:  # a bad shape is a usage error, found before anything is written
+            parse_shape(cfg.random_base)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:  # the device and precision can run here (tf32 needs CUDA, --device cuda a usable GPU)
+        runtime.resolve(cfg.device, cfg.precision)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
     out = Path(cfg.output_dir)
     if resume and not (out / "config.json").is_file():
         raise UsageError(f"{out}: nothing to resume (no config.json of a run there); leave out --resume to start one")

@@ -7,7 +7,8 @@ adapter_config.json) and what else a resumed run needs:
     trainer_state.json          {"step": optimizer steps done, "epoch": the epoch the next
                                 step is in (0-based), "batches": global batches of it done,
                                 "global_batch": examples per step (batch size x grad accum
-                                x processes; a resumed run must have the same)}
+                                x processes; a resumed run must have the same), and in fp16
+                                "loss_scaler": the LossScaler's state_dict}
     manifest.json               {"step", "files": {name: {"bytes", "sha256"}}}, written last
 It is written into .tmp-checkpoint-<step>/, fsync'ed and renamed into place, then read back
 and verified (read_checkpoint: every file there and matching its checksum, the safetensors
@@ -223,8 +224,9 @@ def checkpoint_path(out, step):
     return out / f"checkpoint-{step:06d}"
 
 
-def save_checkpoint(out, model, opt, state):
-    """Write checkpoint-<step>/ as the module doc says, then verify it; returns its path."""
+def save_checkpoint(out, model, opt, state, scaler=None):
+    """Write checkpoint-<step>/ as the module doc says (with `scaler`'s state in fp16), then
+    verify it; returns its path."""
     final = checkpoint_path(out, state["step"])
     tmp = out / f".tmp-{final.name}"
     for name in LOGS:  # the log lines of the steps this checkpoint covers reach the disk first
@@ -240,6 +242,8 @@ def save_checkpoint(out, model, opt, state):
         tensors[f"param/{name}"], tensors[f"exp_avg/{name}"], tensors[f"exp_avg_sq/{name}"] = p.numpy(), m.numpy(), v.numpy()
     with writing(tmp / "trainer_state.safetensors"):
         atomic_save_safetensors(tmp / "trainer_state.safetensors", tensors)
+    if scaler is not None:
+        state = {**state, "loss_scaler": scaler.state_dict()}
     with writing(tmp / "trainer_state.json"):
         atomic_write_json(tmp / "trainer_state.json", state)
     stop_at("checkpoint:state")
@@ -299,10 +303,11 @@ def read_checkpoint(path, model):
     return tensors, state
 
 
-def restore_checkpoint(out, model, opt, log):
-    """Load the newest good checkpoint of `out` into model and opt and return its state, or
-    None when there is none. Every checkpoint is verified; each damaged one is reported and
-    moved aside to damaged-checkpoint-<step>/. Only damaged ones: CheckpointError."""
+def restore_checkpoint(out, model, opt, log, scaler=None):
+    """Load the newest good checkpoint of `out` into model and opt (and the loss scale into
+    scaler) and return its state, or None when there is none. Every checkpoint is verified;
+    each damaged one is reported and moved aside to damaged-checkpoint-<step>/. Only damaged
+    ones: CheckpointError."""
     good, damaged = None, []
     for path in reversed(list_checkpoints(out)):
         try:
@@ -322,6 +327,10 @@ def restore_checkpoint(out, model, opt, log):
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(path, aside)
     path, tensors, state = good
+    if scaler is not None:
+        if "loss_scaler" not in state:
+            raise ValueError(f"{path}: no loss-scaler state in trainer_state.json (not an fp16 run's checkpoint)")
+        scaler.load_state_dict(state["loss_scaler"])
     load_into(model, opt, tensors)
     log(f"resumed from {path} (step {state['step']}, epoch {state['epoch'] + 1})")
     return state

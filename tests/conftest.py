@@ -31,3 +31,14 @@ def impl(request):
     if fused and not runtime.fused_kernels_available():
         pytest.skip("the fused kernels need Jittor on the CPU with oneDNN")
     return lambda model: runtime.prepare(model, fused=fused)
+
+
+@pytest.fixture(autouse=True)
+def jittor_precision_flags_reset():
+    """runtime.prepare sets process-wide Jittor flags for half precision; a model another test
+    builds without prepare() must not inherit them."""
+    yield
+    import sys
+    if "jittor_env" in sys.modules:
+        jt = sys.modules["jittor_env"].jt
+        jt.flags.auto_mixed_precision_level = 0

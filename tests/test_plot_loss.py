@@ -1,8 +1,11 @@
 """plot_loss.py: loss-file parsing, the curves it draws (the Figure's lines and legend, the
-PNG's pixels), and its error messages.
+PNG's pixels), the comparison of two runs (--align), the bare command (every run under
+checkpoints/), and its error messages.
 
     .venv/bin/python -m pytest tests/test_plot_loss.py
 """
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,7 @@ import pytest
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.image import imread
 
-from plot_loss import plot_runs, read_loss_file, smooth_ema
+from plot_loss import align_runs, dropout_on, plot_checkpoints, plot_runs, read_loss_file, smooth_ema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,9 +85,9 @@ def colour_pixels(png, colour):
     return int((np.abs(rgb - np.array(to_rgb(colour))).max(-1) < 0.02).sum())
 
 
-def run_cli(*args):
+def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, str(REPO / "plot_loss.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def assert_png(path):
@@ -204,3 +207,120 @@ def test_cli_bad_options(tmp_path):
     assert_fails(run_cli(d, "-o", tmp_path / "c.png", "--labels", "x,y"), "2 labels for 1 run")
     assert_fails(run_cli(d, "-o", tmp_path / "c.png", "--smooth", "1"), "--smooth")
     assert_fails(run_cli(d, "-o", tmp_path / "c.xyz"), "c.xyz", "unsupported")
+
+
+# ----------------------------------------------------------------------------
+# --align: two runs of the same training
+
+NO_DROPOUT = {"dropout": 0.0, "random_base": "n_layer=2,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"}
+
+
+def make_twin(root, name, factor, config, n=40, val_every=10):
+    """A run whose losses are those of curves() times `factor` (a relative difference of
+    |factor - 1| / max(factor, 1) at every step), with the given config.json."""
+    d = root / name
+    d.mkdir()
+    train, val = curves(n, val_every)
+    (d / "train_loss.txt").write_text("".join(f"{s}\t{v * factor:.6f}\n" for s, v in train))
+    (d / "val_loss.txt").write_text("".join(f"{s}\t{v * factor:.6f}\n" for s, v in val))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "elapsed_s": 1.5 * s}) + "\n" for s, _ in train))
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def relative_differences(a_dir, b_dir, name, smooth=None):
+    (_, a), (_, b) = read_loss_file(a_dir / name), read_loss_file(b_dir / name)
+    if smooth:
+        a, b = ema_by_hand(a, smooth), ema_by_hand(b, smooth)
+    a, b = np.array(a), np.array(b)
+    return np.abs(a - b) / np.maximum(np.abs(a), np.abs(b))
+
+
+def test_align_prints_and_draws_the_relative_differences(tmp_path):
+    a = make_twin(tmp_path, "jittor", 1.0, NO_DROPOUT)
+    b = make_twin(tmp_path, "pytorch", 1.0 + 3e-4, NO_DROPOUT)
+    r = run_cli(a, b, "--align", "-o", tmp_path / "a.png")
+    print("\n" + r.stdout)
+    assert r.returncode == 0, r.stderr
+    assert_png(tmp_path / "a.png")
+    train, val = relative_differences(a, b, "train_loss.txt"), relative_differences(a, b, "val_loss.txt")
+    lines = r.stdout.splitlines()
+    assert lines[0] == (f"training loss (40 common steps): max relative difference {train.max():.2e} "
+                        f"(step {int(train.argmax()) + 1}), median {np.median(train):.2e}")
+    assert lines[1] == (f"held-out loss (4 common steps): max relative difference {val.max():.2e} "
+                        f"(step {10 * (int(val.argmax()) + 1)}), median {np.median(val):.2e}")
+    assert lines[2] == "training time (metrics.jsonl elapsed_s, held-out evaluations included): jittor 60.0 s, pytorch 60.0 s"
+    # the figure: both curves in the top panel, their differences in the bottom one
+    fig, _ = align_runs(a, b, tmp_path / "b.png")
+    top, bottom = fig.axes
+    assert [l.get_label() for l in top.get_lines()] == ["jittor: training loss", "jittor: held-out",
+                                                        "pytorch: training loss", "pytorch: held-out"]
+    drawn = [np.asarray(l.get_ydata()) for l in bottom.get_lines()]
+    assert np.abs(drawn[0] - train).max() <= 1e-15 and np.abs(drawn[1] - val).max() <= 1e-15
+    assert bottom.get_yscale() == "log"
+
+
+def test_align_with_dropout_compares_the_smoothed_curves_and_says_why(tmp_path):
+    noisy = lambda s: 1.0 + 0.01 * ((s * 7919) % 13 - 6)  # per-step noise, as different masks give
+    a = make_twin(tmp_path, "jittor", 1.0, {"dropout": 0.1, "random_base": "n_layer=2"})
+    b = tmp_path / "pytorch"
+    b.mkdir()
+    train, val = curves()
+    (b / "train_loss.txt").write_text("".join(f"{s}\t{v * noisy(s):.6f}\n" for s, v in train))
+    (b / "val_loss.txt").write_text((a / "val_loss.txt").read_text())
+    (b / "config.json").write_text((a / "config.json").read_text())
+    fig, lines = align_runs(a, b, tmp_path / "a.png", smooth=0.9)
+    print("\n" + "\n".join(lines))
+    assert lines[0].startswith("dropout on: the two runs draw different dropout masks")
+    smoothed = relative_differences(a, b, "train_loss.txt", smooth=0.9)
+    raw = relative_differences(a, b, "train_loss.txt")
+    assert lines[1] == (f"training loss, EMA 0.9 (40 common steps): max relative difference {smoothed.max():.2e} "
+                        f"(step {int(smoothed.argmax()) + 1}), median {np.median(smoothed):.2e}")
+    print(f"median relative difference: raw {np.median(raw):.2e}, EMA-smoothed {np.median(smoothed):.2e}")
+    assert np.median(smoothed) < np.median(raw) / 2  # the smoothing is what makes the comparison meaningful
+    assert "different masks" in fig.axes[1].get_title()
+    assert "training time" in lines[-1] and "unknown" in lines[-1]  # the runs have no metrics.jsonl here
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({"dropout": 0.0, "random_base": "n_layer=2,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"}, False),
+    ({"dropout": 0.1, "random_base": "n_layer=2,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"}, True),
+    ({"dropout": 0.0, "random_base": "n_layer=2,resid_pdrop=0,embd_pdrop=0"}, True),  # attn_pdrop: 0.1 by default
+    ({"dropout": 0.0, "random_base": None, "model": "no/such/folder"}, None),  # the base's dropouts unknown
+    (None, None),  # no config.json
+])
+def test_dropout_on_reads_the_run_config(tmp_path, config, expected):
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dropout_on(tmp_path) is expected
+
+
+def test_align_needs_two_runs(tmp_path):
+    assert_fails(run_cli(make_run(tmp_path, "run_a"), "--align"), "--align compares two runs", "(1 given)")
+
+
+# ----------------------------------------------------------------------------
+# The bare command: every run under checkpoints/
+
+def test_bare_command_plots_every_run_under_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    old, new = make_run(root, "old"), make_run(root, "new", n=30)
+    (root / "not_a_run").mkdir()  # no train_loss.txt: not a run
+    os.utime(old / "train_loss.txt", (1_000_000, 1_000_000))  # `old` finished long before `new`
+    r = run_cli(cwd=tmp_path)
+    print("\n" + r.stdout.strip())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "wrote checkpoints/curves.png (2 runs: checkpoints/old, checkpoints/new)"
+    assert_png(root / "curves.png")
+    fig, runs, out = plot_checkpoints(root=root)
+    assert runs == [old, new] and out == root / "curves.png"
+    assert fig.axes[0].get_title() == f"2 runs under {root}/ (newest: new)"
+    assert_same_lines(drawn_lines(fig), expected_lines([curves(), curves(30)], 0.9))
+
+
+def test_bare_command_without_runs_says_how_to_make_one(tmp_path):
+    r = run_cli(cwd=tmp_path)
+    print("\n" + r.stderr.strip())
+    assert_fails(r, "no training runs under checkpoints/", "make demo")
+    assert not (tmp_path / "checkpoints").exists()
