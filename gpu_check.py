@@ -199,7 +199,7 @@ def check_train(args, ids, mask):
     opt = jt.optim.AdamW(pair.ours.trainable_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
     ours, theirs = [], []
-    for b in batches:
+    for b, _, _ in batches:  # (batch, real tokens, padded tokens)
         _, loss = pair.ours(jt.array(b["input_ids"]), jt.array(b["targets"]), attention_mask=jt.array(b["attention_mask"]))
         opt.step(loss)
         ours.append(loss.item())

@@ -14,7 +14,8 @@ index among the data lines (how the old seed script wrote it).
 --align compares two runs of the same training (train_default_lora.py and its PyTorch
 reference train_pytorch_lora.py): both curves overlaid, a panel with the per-step relative
 difference |a - b| / max(|a|, |b|), and a printed summary (max / median relative difference
-of the training and held-out losses, each run's training time from metrics.jsonl). With
+of the training and held-out losses, the relative difference of the step-0 and final
+adapters, each run's training time from metrics.jsonl). With
 dropout on (the run's config.json: --dropout > 0, or base-model dropouts > 0) the two runs
 draw different dropout masks, so the panel compares the EMA-smoothed training curves and
 says so.
@@ -28,11 +29,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from gpt2_config import GPTConfig, parse_shape
-from model_utils import atomic_write
+from model_utils import atomic_write, load_safetensors
 
 X_LABEL = "optimizer step"
 Y_LABEL = "loss (answer tokens, nats)"
@@ -198,6 +201,20 @@ def compare(curve_a, curve_b):
     return [s for s, _ in common], [relative_difference(v, b[s]) for s, v in common]
 
 
+def adapter_line(run_a, run_b, name):
+    """How far the two runs' adapters in <run>/<name>/ are apart: the largest over tensors of
+    ||a - b|| / ||b|| (0 for equal tensors), or None when a run has no such adapter."""
+    files = [Path(r) / name / "adapter_model.safetensors" for r in (run_a, run_b)]
+    if not all(f.is_file() for f in files):
+        return None
+    a, b = (load_safetensors(f) for f in files)
+    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+        return f"{name}/: the two adapters hold different tensors"
+    rel = {k: float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), np.finfo(np.float32).tiny)) for k in a}
+    worst = max(rel, key=rel.get)
+    return f"{name}/: max ||a - b|| / ||b|| over {len(rel)} tensors {rel[worst]:.2e} ({worst})"
+
+
 def summary_line(what, steps, diffs):
     if not diffs:
         return f"{what}: no common steps"
@@ -230,6 +247,7 @@ def align_runs(run_a, run_b, out_path, smooth=0.9, labels=None, title=None):
         lines.append(f"{why}: the two runs draw different dropout masks, so the training curves are compared "
                      f"after EMA smoothing ({smooth:g})")
     lines += [summary_line(kind, steps, diffs), summary_line("held-out loss", val_steps, val_diffs)]
+    lines += [line for line in (adapter_line(run_a, run_b, n) for n in ("adapter-step0", "adapter")) if line]
     times = [training_time(d) for d in (run_a, run_b)]
     lines.append("training time (metrics.jsonl elapsed_s, held-out evaluations included): " + ", ".join(
         f"{label} {'unknown' if t is None else f'{t:.1f} s'}" for label, t in zip(labels, times)))

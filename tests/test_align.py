@@ -146,6 +146,9 @@ def test_plot_loss_align_prints_the_figures_and_writes_the_image(runs, tmp_path)
         steps, diff = max_relative_difference(jittor / name, pytorch / name)
         assert int(m.group(1)) == len(steps) and float(m.group(2)) == pytest.approx(diff, rel=0.01, abs=1e-12)
     assert "dropout" not in r.stdout  # dropout off: raw curves compared
+    assert re.search(r"^adapter-step0/: max \|\|a - b\|\| / \|\|b\|\| over \d+ tensors 0\.00e\+00 ", r.stdout, re.M)
+    m = re.search(r"^adapter/: max \|\|a - b\|\| / \|\|b\|\| over \d+ tensors (\S+) ", r.stdout, re.M)
+    assert m and 0 < float(m.group(1)) <= 1e-4
     assert re.search(r"training time .*: jittor \d+\.\d s, pytorch \d+\.\d s$", r.stdout, re.M)
 
 
