@@ -24,7 +24,6 @@ Model code only: no argument parsing, logging or plotting here.
 """
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,8 @@ from jittor_env import jt
 from jittor import nn
 import cpu_kernels
 from gpt2_config import ACTIVATION_FUNCTIONS, GPTConfig  # GPTConfig: also imported from here
-from model_utils import IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, read_hf_weights
+from model_utils import (HF_IGNORED_SUFFIXES, IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, check_sizes,
+                         pick_next_token, read_hf_weights, strip_transformer_prefix)
 
 
 # ----------------------------------------------------------------------------
@@ -441,18 +441,7 @@ class GPT(nn.Module):
         config = GPTConfig.from_hf_config(raw, source=config_file)
         state, source = read_hf_weights(path)
         state = strip_transformer_prefix(state)
-        # The sizes config.json claims must be those of the weights before anything is built,
-        # so the model can never be larger than the file (the strict key/shape check follows).
-        layers = {int(k.split(".")[1]) for k in state if re.fullmatch(r"h\.\d+\..+", k)}
-        found = {"wte.weight": state.get("wte.weight"), "wpe.weight": state.get("wpe.weight")}
-        expected = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.n_positions, config.n_embd)}
-        for key, shape in expected.items():
-            if found[key] is None or tuple(found[key].shape) != shape:
-                raise ValueError(f"{source}: {key} has shape {None if found[key] is None else tuple(found[key].shape)}, "
-                                 f"expected {shape} from {config_file}")
-        if layers != set(range(config.n_layer)):
-            raise ValueError(f"{source}: holds blocks {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}, "
-                             f"expected h.0 ... h.{config.n_layer - 1} (n_layer={config.n_layer} in {config_file})")
+        check_sizes(config, state, source, config_file)  # before anything is built
         model = cls(config)
         model.load_hf_state_dict(state, source)
         return model
@@ -487,42 +476,11 @@ class GPT(nn.Module):
         atomic_write_json(path / "config.json", self.config.to_hf_config())
 
 
-# Buffers in Hugging Face checkpoints that are not weights, and the tied LM head.
-HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
-
-
-def strip_transformer_prefix(state):
-    """GPT2LMHeadModel keys (transformer.h.0...) as GPT2Model keys (h.0...)."""
-    return {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
-
-
 def cross_entropy(logits, targets):
     """Mean cross-entropy of logits (N, V) against class indices (N,), with a stable log-sum-exp,
     in float32."""
     logits = as_dtype(logits, "float32")
     m = logits.max(1, keepdims=True)
     lse = (logits - m).exp().sum(1).log() + m.reshape(-1)
-    picked = logits.reindex([logits.shape[0]], ["i0", f"@e0(i0)"], extras=[targets])
+    picked = logits.reindex([logits.shape[0]], ["i0", "@e0(i0)"], extras=[targets])
     return (lse - picked).mean()
-
-
-def pick_next_token(logits, temperature, top_k, top_p, rng):
-    """Next token per row from float64 logits (B, V): argmax, or a sample."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if top_p is not None:
-        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
-        order = np.argsort(-probs, axis=-1)
-        sorted_p = np.take_along_axis(probs, order, -1)
-        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= top_p  # the first token always stays
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs])

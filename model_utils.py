@@ -1,5 +1,6 @@
 """Small helpers shared by the scripts: atomic file writes, the GPT-2 tokenizer,
-the GPT-2 download and weight files, and the official SQuAD v1.1 metric.
+the GPT-2 download and weight files (read and checked against config.json), the next-token
+rule of generation (greedy or sampling), and the official SQuAD v1.1 metric.
 
 No Jittor here, so the metric and the tokenizer load fast and test alone.
 
@@ -15,6 +16,8 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 GPT2_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 EOS_TOKEN = "<|endoftext|>"
@@ -176,6 +179,56 @@ def read_hf_weights(path):
             raise ValueError(f"{bin_file}: cannot be read as PyTorch weights ({e})") from None
         return {k: v.float().numpy() for k, v in sd.items()}, bin_file
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+
+
+# Buffers in Hugging Face checkpoints that are not weights, and the tied LM head.
+HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+def strip_transformer_prefix(state):
+    """GPT2LMHeadModel keys (transformer.h.0...) as GPT2Model keys (h.0...)."""
+    return {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
+
+
+def check_sizes(config, state, source, config_file):
+    """The sizes config.json claims (a GPTConfig) must be those of the weights `state`
+    (GPT2Model keys) read from `source`, so that a model is never built larger than its file
+    (the strict key and shape check follows when the weights are copied in)."""
+    layers = {int(k.split(".")[1]) for k in state if re.fullmatch(r"h\.\d+\..+", k)}
+    found = {"wte.weight": state.get("wte.weight"), "wpe.weight": state.get("wpe.weight")}
+    expected = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.n_positions, config.n_embd)}
+    for key, shape in expected.items():
+        if found[key] is None or tuple(found[key].shape) != shape:
+            raise ValueError(f"{source}: {key} has shape {None if found[key] is None else tuple(found[key].shape)}, "
+                             f"expected {shape} from {config_file}")
+    if layers != set(range(config.n_layer)):
+        raise ValueError(f"{source}: holds blocks {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}, "
+                         f"expected h.0 ... h.{config.n_layer - 1} (n_layer={config.n_layer} in {config_file})")
+
+
+# ----------------------------------------------------------------------------
+# Generation
+
+def pick_next_token(logits, temperature, top_k, top_p, rng):
+    """Next token per row from float64 logits (B, V): argmax, or a sample."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if top_p is not None:
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        order = np.argsort(-probs, axis=-1)
+        sorted_p = np.take_along_axis(probs, order, -1)
+        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= top_p  # the first token always stays
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
 
 
 # ----------------------------------------------------------------------------
