@@ -61,7 +61,7 @@ from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageE
                           parse_args, read_saved_config, total_steps)
 from train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
                          latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
-                         remove_leftovers, replace_folder, restore_checkpoint, save_checkpoint, stop_at, truncate_log,
+                         remove_leftovers, restore_checkpoint, save_checkpoint, stop_at, truncate_log, write_folder,
                          writing)
 
 # ----------------------------------------------------------------------------
@@ -138,9 +138,7 @@ def prepare(cfg, resume):
     restore(run, resume)
     distributed.check_same_on_all_ranks(model.trainable_parameters(), "LoRA weights")
     if run.step == 0 and distributed.is_main:  # the starting point, to compare with train_pytorch_lora.py's
-        with writing(out / ".tmp-adapter-step0"):
-            model.save_lora_weights(out / ".tmp-adapter-step0")
-        replace_folder(out / ".tmp-adapter-step0", out / "adapter-step0")
+        write_folder(out / "adapter-step0", model.save_lora_weights)
     return run
 
 
@@ -224,11 +222,7 @@ def build_model(cfg, out):
 
 def save_base_model(base_dir, config, seed):
     """--random-base: the random GPT-2 (init_weights, NumPy), written whole or not at all."""
-    tmp = base_dir.with_name(".tmp-base_model")
-    with writing(tmp):
-        save_random_gpt2(tmp, config, seed)
-    stop_at("base_model")
-    replace_folder(tmp, base_dir)
+    write_folder(base_dir, lambda tmp: save_random_gpt2(tmp, config, seed), stop="base_model")
 
 
 # ----------------------------------------------------------------------------
@@ -365,10 +359,7 @@ def finish(run):
     out = run.out
     run.model.eval()
     if distributed.is_main:
-        with writing(out / ".tmp-adapter"):
-            run.model.save_lora_weights(out / ".tmp-adapter")
-        stop_at("finish:adapter")
-        replace_folder(out / ".tmp-adapter", out / "adapter")  # the folder appears whole or not at all
+        write_folder(out / "adapter", run.model.save_lora_weights, stop="finish:adapter")  # whole or not at all
     log(f"adapter saved to {out / 'adapter'} (PEFT format)")
     final_scores(run)
     if distributed.is_main:

@@ -169,6 +169,18 @@ def fsync_path(path):
         os.close(fd)
 
 
+def write_folder(final, write, stop=None):
+    """Make the folder `final` whole or not at all: write(tmp) fills .tmp-<name> beside it
+    (failures named by WriteError), then it is renamed into place. `stop`: the test hook's
+    name for the moment between the two."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    with writing(tmp):
+        write(tmp)
+    if stop:
+        stop_at(stop)
+    replace_folder(tmp, final)
+
+
 def replace_folder(tmp, final):
     """Rename the finished folder `tmp` to `final`. An existing `final` is moved aside to
     .old-<name> first and deleted after: a rename cannot replace a folder that is not empty."""
