@@ -210,9 +210,22 @@ def adapter_line(run_a, run_b, name):
     a, b = (load_safetensors(f) for f in files)
     if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
         return f"{name}/: the two adapters hold different tensors"
+    a = {k: v.astype(np.float64) for k, v in a.items()}  # a float64 reference run is compared too
+    b = {k: v.astype(np.float64) for k, v in b.items()}
     rel = {k: float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), np.finfo(np.float32).tiny)) for k in a}
     worst = max(rel, key=rel.get)
-    return f"{name}/: max ||a - b|| / ||b|| over {len(rel)} tensors {rel[worst]:.2e} ({worst})"
+    largest = max(float(np.abs(a[k] - b[k]).max(initial=0.0)) for k in a)
+    return (f"{name}/: max ||a - b|| / ||b|| over {len(rel)} tensors {rel[worst]:.2e} ({worst}); "
+            f"largest element difference {largest:.2e}")
+
+
+def adapter_folders(run_a, run_b):
+    """The adapter folders both runs have, in step order: adapter-step0/, adapter-step<N>/
+    (--adapter-steps), adapter/ (the end)."""
+    def steps(run):
+        return {int(p.name[len("adapter-step"):]) for p in Path(run).glob("adapter-step*")
+                if p.name[len("adapter-step"):].isdigit()}
+    return [f"adapter-step{s}" for s in sorted(steps(run_a) & steps(run_b))] + ["adapter"]
 
 
 def summary_line(what, steps, diffs):
@@ -247,7 +260,7 @@ def align_runs(run_a, run_b, out_path, smooth=0.9, labels=None, title=None):
         lines.append(f"{why}: the two runs draw different dropout masks, so the training curves are compared "
                      f"after EMA smoothing ({smooth:g})")
     lines += [summary_line(kind, steps, diffs), summary_line("held-out loss", val_steps, val_diffs)]
-    lines += [line for line in (adapter_line(run_a, run_b, n) for n in ("adapter-step0", "adapter")) if line]
+    lines += [line for line in (adapter_line(run_a, run_b, n) for n in adapter_folders(run_a, run_b)) if line]
     times = [training_time(d) for d in (run_a, run_b)]
     lines.append("training time (metrics.jsonl elapsed_s, held-out evaluations included): " + ", ".join(
         f"{label} {'unknown' if t is None else f'{t:.1f} s'}" for label, t in zip(labels, times)))

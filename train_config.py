@@ -65,6 +65,8 @@ class TrainConfig:
     eval_interval: int = option(50, "optimizer steps between held-out loss evaluations")
     eval_examples: int = option(200, "held-out examples used for the validation loss")
     save_interval: int = option(100, "optimizer steps between checkpoints")
+    adapter_steps: str = option("", "also write the adapter (PEFT format) after these optimizer steps, e.g. 1,10,100: "
+                                    "OUTPUT_DIR/adapter-step<N>/, to compare two runs step by step (plot_loss.py --align)")
     keep_checkpoints: int = option(3, "how many checkpoint-* folders to keep; older ones are deleted (0 = all)")
     gen_eval_examples: int = option(200, "held-out questions answered at the end for SQuAD EM/F1 (0 = skip)")
     train_gen_eval_examples: int = option(0, "training questions answered at the end for EM/F1 "
@@ -86,7 +88,7 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       train_gen_eval_examples=16, max_new_tokens=12)
 # batch_size and grad_accum may change with the number of processes; the global batch
 # (batch_size x grad_accum x processes) must stay, which resuming checks against the checkpoint.
-RESUME_MAY_CHANGE = {"device", "max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
+RESUME_MAY_CHANGE = {"device", "max_steps", "adapter_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
                      "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens",
                      "batch_size", "grad_accum"}
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
@@ -157,6 +159,18 @@ def check(cfg):
                               f"(room for the shortest prompt)", cfg.max_new_tokens)
     if not cfg.output_dir:
         bad("output_dir", "a folder name", cfg.output_dir)
+    try:
+        adapter_steps(cfg)
+    except ValueError:
+        bad("adapter_steps", "comma-separated step numbers of at least 1 (e.g. 1,10,100)", cfg.adapter_steps)
+
+
+def adapter_steps(cfg):
+    """The optimizer steps after which the adapter is written (--adapter-steps), as a set."""
+    steps = {int(s) for s in cfg.adapter_steps.split(",") if s.strip()}
+    if any(s < 1 for s in steps):
+        raise ValueError(cfg.adapter_steps)
+    return steps
 
 
 def parse_args(argv=None, description="Fine-tune GPT-2 with LoRA on SQuAD v1.1 (loss on the answer tokens only)."):

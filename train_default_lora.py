@@ -57,7 +57,7 @@ from gpt2_lora_dataset import Data, batches, collate, count_supervised, load_dat
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import answer_questions, score_run
-from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, check, learning_rate,
+from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check, learning_rate,
                           parse_args, read_saved_config, total_steps)
 from train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
                          latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
@@ -233,6 +233,7 @@ def train_loop(run, stop_after=None, progress=True):
     number) cut the run short, as if interrupted, True when it ran to the end."""
     cfg, model, out, data = run.cfg, run.model, run.out, run.data
     main = distributed.is_main  # the one rank that writes logs and checkpoints
+    save_adapter_at = adapter_steps(cfg)
     if run.step == 0:  # the starting point of the held-out curve
         val = evaluate_loss(model, data.eval_batches)
         if main:
@@ -276,6 +277,8 @@ def train_loop(run, stop_after=None, progress=True):
                 if main:
                     append_line(out / "val_loss.txt", f"{run.step}\t{val:.6f}")
                 log(f"step {run.step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
+            if main and run.step in save_adapter_at:  # for step-by-step comparisons (--adapter-steps)
+                write_folder(out / f"adapter-step{run.step}", model.save_lora_weights)
             if run.batches >= len(order):  # end of the epoch
                 run.epoch, run.batches = run.epoch + 1, 0
             # Ctrl-C / SIGTERM during this step, on any rank: checkpoint it, then stop. Under MPI

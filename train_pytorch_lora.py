@@ -33,6 +33,7 @@ predictions.json and scores.json, curves.png. It writes no checkpoints, so it ha
 PyTorch, transformers and PEFT are this project's test and reference dependencies, not
 runtime ones: `pip install -r requirements-test.txt`.
 """
+import argparse
 import json
 import math
 import sys
@@ -56,7 +57,8 @@ from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import score_run
 from gpt2_config import parse_shape
-from train_config import DEMO_OVERRIDES, TrainConfig, UsageError, check, learning_rate, parse_args, total_steps
+from train_config import (DEMO_OVERRIDES, TrainConfig, UsageError, adapter_steps, check, learning_rate, parse_args,
+                          total_steps)
 
 INSTALL = ("train_pytorch_lora.py is the PyTorch reference run and needs PyTorch, transformers and PEFT "
            "(test dependencies of this project, not runtime ones): pip install -r requirements-test.txt "
@@ -72,11 +74,13 @@ def log(msg):
 # ----------------------------------------------------------------------------
 # Model, loss, generation
 
-def build_model(cfg, out):
+def build_model(cfg, out, dtype="float32"):
     """(PEFT model, base model folder): GPT2LMHeadModel from the base folder train_default_lora.py
-    would use, LoRA by PEFT, every lora_A replaced by the NumPy draw train_default_lora.py makes."""
+    would use, LoRA by PEFT, every lora_A replaced by the NumPy draw train_default_lora.py makes.
+    dtype float64 gives the same run computed with ~1e-16 rounding instead of ~1e-7: the yardstick
+    that tells float32 rounding from a real difference between the two float32 runs."""
     base_dir = base_model_dir(cfg, out, log)
-    base = GPT2LMHeadModel.from_pretrained(str(base_dir), dtype=torch.float32)
+    base = GPT2LMHeadModel.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, fan_in_fan_out=True,
                           target_modules=[t.strip() for t in cfg.targets.split(",") if t.strip()],
                           use_rslora=cfg.rslora, init_lora_weights=True if cfg.init == "kaiming" else cfg.init,
@@ -102,7 +106,7 @@ def batch_loss(model, batch):
     logits = model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
                    attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
                    logits_to_keep=torch.from_numpy(supervised)).logits
-    return torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(batch["targets"][supervised]).long())
+    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["targets"][supervised]).long())
 
 
 def evaluate_loss(model, batches_):
@@ -175,14 +179,15 @@ def reference_config(cfg):
     return cfg
 
 
-def train(cfg, progress=True):
-    """The whole run, as train_default_lora.train (no checkpoints); returns the output folder."""
+def train(cfg, progress=True, dtype="float32"):
+    """The whole run, as train_default_lora.train (no checkpoints); returns the output folder.
+    dtype: float32 (the alignment setting) or float64 (the rounding yardstick, --dtype)."""
     if torch is None:
         raise RuntimeError(f"no module named {MISSING!r}. {INSTALL}")
     check(cfg)
     cfg = reference_config(cfg)
     out = open_output_dir(cfg)
-    model, base_dir = build_model(cfg, out)
+    model, base_dir = build_model(cfg, out, dtype)
     tokenizer = load_tokenizer(base_dir)
     data = load_data(cfg, tokenizer)
     model.print_trainable_parameters()
@@ -191,6 +196,7 @@ def train(cfg, progress=True):
     global_batch = cfg.batch_size * cfg.grad_accum  # one process
     total = total_steps(cfg, math.ceil(len(data.train_features) / global_batch))
     model.save_pretrained(str(out / "adapter-step0"))
+    save_adapter_at = adapter_steps(cfg)
 
     # --- the loop of train_default_lora.train_loop, step for step
     append_line(out / "val_loss.txt", f"0\t{evaluate_loss(model, data.eval_batches):.6f}")
@@ -242,6 +248,8 @@ def train(cfg, progress=True):
                 val = evaluate_loss(model, data.eval_batches)
                 append_line(out / "val_loss.txt", f"{step}\t{val:.6f}")
                 log(f"step {step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
+            if step in save_adapter_at:  # for step-by-step comparisons (--adapter-steps)
+                model.save_pretrained(str(out / f"adapter-step{step}"))
             if done >= len(order):
                 epoch, done = epoch + 1, 0
 
@@ -261,8 +269,18 @@ def append_line(path, text):
         f.write(text + "\n")
 
 
+def parse_dtype(argv):
+    """(dtype, the other arguments): --dtype is this script's own option."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    args, rest = p.parse_known_args(argv)
+    return args.dtype, rest
+
+
 if __name__ == "__main__":
-    cfg, resume = parse_args(description=__doc__.split("\n")[0])
+    dtype, argv = parse_dtype(sys.argv[1:])
+    cfg, resume = parse_args(argv, description=__doc__.split("\n")[0] + " Also: --dtype float32 (default) or "
+                             "float64: the same run in double precision, the yardstick for float32 rounding.")
     if torch is None:
         print(f"error: no module named {MISSING!r}. {INSTALL}", file=sys.stderr)
         sys.exit(2)
@@ -271,7 +289,7 @@ if __name__ == "__main__":
               "from the start", file=sys.stderr)
         sys.exit(2)
     try:
-        train(cfg)
+        train(cfg, dtype=dtype)
     except UsageError as e:  # exit codes as train_default_lora.py: 2 usage, 1 data
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,46 +20,57 @@ inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF
 
 // C = alpha A B + beta C, A (M, K), B (K, N). Each thread takes a contiguous block of B's
 // rows (a K range), accumulates its partial C (M, N) in cache, and the partials are added
-// in thread order.
+// in thread order. Within a thread the K range is summed in blocks of K_BLOCK rows, each
+// from zero, and the block sums are added: one running float32 sum over the LM head's
+// 50,257 rows (dh = dlogits wte in training, where a micro-batch has few supervised tokens)
+// made every gradient ~2x further from a float64 reference than sgemm's blocked sums.
+static const int64_t K_BLOCK = 256;
+
 inline void gemm_few_nn(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
                         float alpha, float beta) {
     const int slots = omp_get_max_threads();
     // 16 KB between the threads' partials: adjacent ones ran markedly slower (the cores'
     // prefetchers reach into each other's lines; docs/cpu_kernels.md)
-    const int64_t stride = M * N + 4096;
+    const int64_t stride = 2 * M * N + 4096;
     std::vector<float> part((size_t)slots * stride);
     #pragma omp parallel num_threads(slots)
     {
         // the team may be smaller than asked (a nested region runs on one thread)
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t k0 = K * t / nt, k1 = K * (t + 1) / nt;
-        float* y = part.data() + t * stride;
+        float* y = part.data() + t * stride;  // this thread's partial C
+        float* yb = y + M * N;                // the current block's sum
         std::fill(y, y + M * N, 0.f);
-        int64_t k = k0;
-        for (; k + 4 <= k1; k += 4) {  // four rows of B per pass over y
-            const float* w = B + k * N;
-            for (int64_t n = 0; n < N; n += 16) {
-                const __mmask16 mk = tail_mask(N - n);
-                const char* p = (const char*)(w + n) + PREFETCH_BYTES;
-                for (int i = 0; i < 4; i++) _mm_prefetch(p + i * N * 4, _MM_HINT_T0);
-                const __m512 w0 = _mm512_maskz_loadu_ps(mk, w + n), w1 = _mm512_maskz_loadu_ps(mk, w + N + n),
-                             w2 = _mm512_maskz_loadu_ps(mk, w + 2 * N + n), w3 = _mm512_maskz_loadu_ps(mk, w + 3 * N + n);
-                for (int64_t m = 0; m < M; m++) {
-                    const float* a = A + m * K + k;
-                    __m512 acc = _mm512_maskz_loadu_ps(mk, y + m * N + n);
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), w0, acc);
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), w1, acc);
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[2]), w2, acc);
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[3]), w3, acc);
-                    _mm512_mask_storeu_ps(y + m * N + n, mk, acc);
+        for (int64_t kb = k0; kb < k1; kb += K_BLOCK) {
+            const int64_t kb1 = std::min(k1, kb + K_BLOCK);
+            std::fill(yb, yb + M * N, 0.f);
+            int64_t k = kb;
+            for (; k + 4 <= kb1; k += 4) {  // four rows of B per pass over yb
+                const float* w = B + k * N;
+                for (int64_t n = 0; n < N; n += 16) {
+                    const __mmask16 mk = tail_mask(N - n);
+                    const char* p = (const char*)(w + n) + PREFETCH_BYTES;
+                    for (int i = 0; i < 4; i++) _mm_prefetch(p + i * N * 4, _MM_HINT_T0);
+                    const __m512 w0 = _mm512_maskz_loadu_ps(mk, w + n), w1 = _mm512_maskz_loadu_ps(mk, w + N + n),
+                                 w2 = _mm512_maskz_loadu_ps(mk, w + 2 * N + n), w3 = _mm512_maskz_loadu_ps(mk, w + 3 * N + n);
+                    for (int64_t m = 0; m < M; m++) {
+                        const float* a = A + m * K + k;
+                        __m512 acc = _mm512_maskz_loadu_ps(mk, yb + m * N + n);
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), w0, acc);
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), w1, acc);
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[2]), w2, acc);
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[3]), w3, acc);
+                        _mm512_mask_storeu_ps(yb + m * N + n, mk, acc);
+                    }
                 }
             }
+            for (; k < kb1; k++)
+                for (int64_t m = 0; m < M; m++) {
+                    const float a = A[m * K + k];
+                    for (int64_t n = 0; n < N; n++) yb[m * N + n] += a * B[k * N + n];
+                }
+            for (int64_t i = 0; i < M * N; i++) y[i] += yb[i];
         }
-        for (; k < k1; k++)
-            for (int64_t m = 0; m < M; m++) {
-                const float a = A[m * K + k];
-                for (int64_t n = 0; n < N; n++) y[m * N + n] += a * B[k * N + n];
-            }
         #pragma omp barrier
         const int64_t i0 = M * N * t / nt, i1 = M * N * (t + 1) / nt;
         for (int64_t i = i0; i < i1; i++) {

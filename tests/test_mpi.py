@@ -126,18 +126,16 @@ def differences(ref, other):
 
 
 def assert_same_training(ref, other, what):
-    """Losses within 1e-5 relative, adapter elements within 1e-5 absolute. A split sums each
-    gradient in another order: float32 noise of a few 1e-6 of a tensor's largest gradient
-    (measured, no outliers). AdamW divides every element's update by that element's own
-    gradient scale, so in an element whose gradient is far below its tensor's largest the
-    noise grows to ~lr x noise / |g| per step: the odd element of a run may differ by more
-    (measured: one of 8,192 by 2.1e-5), hence at most 1 in 1,000 over 1e-5, none over 1e-4."""
+    """Losses within 1e-5 relative, every adapter element within 1e-5 absolute (the issue's
+    tolerances). A split sums the same terms in another order, so float32 noise remains
+    (measured ~1e-7). Before the loss and the LM head's backward summed accurately, that noise
+    was a few 1e-6 of the gradients, and AdamW (each element's update divided by its own
+    gradient scale) grew it to 2.1e-5 in one adapter element of 8,192."""
     loss, val, adapter = differences(ref, other)
-    over = int((adapter > 1e-5).sum())
     print(f"\n{what}: max relative difference of the step losses {loss:.1e}, of the held-out losses {val:.1e}; "
-          f"max |adapter difference| {adapter.max():.1e} ({over} of {adapter.size} elements over 1e-5)")
+          f"max |adapter difference| {adapter.max():.1e} over {adapter.size} elements")
     assert loss < 1e-5 and val < 1e-5
-    assert over <= adapter.size // 1000 and adapter.max() < 1e-4
+    assert adapter.max() < 1e-5
 
 
 @pytest.fixture(scope="module")
