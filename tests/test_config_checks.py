@@ -56,6 +56,10 @@ USAGE_ERRORS = {
     ("--save-interval", "0"): "--save-interval must be at least 1, not 0",
     ("--eval-examples", "0"): "--eval-examples must be at least 1, not 0",
     ("--max-new-tokens", "0"): "--max-new-tokens must be at least 1, not 0",
+    ("--adapter-steps", "0,10"): "--adapter-steps must be comma-separated step numbers of at least 1 (e.g. 1,10,100), "
+                                 "not '0,10'",
+    ("--adapter-steps", "10;20"): "--adapter-steps must be comma-separated step numbers of at least 1 (e.g. 1,10,100), "
+                                  "not '10;20'",
     ("--random-base", "n_embd=-5"): "--random-base: n_embd must be an integer in [1, 2^24], not -5",
     ("--random-base", "n_layer=0"): "--random-base: n_layer must be an integer in [1, 1024], not 0",
     ("--random-base", "n_embd=30,n_head=4"): "--random-base: n_embd=30 is not divisible by n_head=4",

@@ -353,6 +353,26 @@ def test_few_row_products_equal_float64(M):
     assert max(d.values()) < 2e-6
 
 
+def test_lm_head_backward_with_few_rows_sums_like_sgemm():
+    """dh = dlogits @ wte, the LM head's backward: a micro-batch with few supervised tokens
+    takes gemm_few (M <= 16) with K = 50,257. Its error against float64 must stay at sgemm's
+    (M = 17); one running float32 sum over K was 4x further and showed as drift between
+    Jittor and PyTorch training."""
+    rng = np.random.default_rng(3)
+    V, C = 50257, 768
+    wte = rng.normal(0, 0.02, (V, C)).astype(np.float32)
+    errs = {}
+    for M in (8, 17):
+        p = rng.dirichlet(np.full(V, 0.5), size=M)  # softmax-like rows, minus the one-hot target
+        p[np.arange(M), rng.integers(0, V, M)] -= 1
+        d = (p / M).astype(np.float32)
+        exact = d.astype(np.float64) @ wte.astype(np.float64)
+        errs[M] = rel_err(K.matmul(jt.array(d), jt.array(wte)).numpy(), exact)
+    print(f"\ndlogits @ wte (K = {V}) vs float64: max error / max |dh|: 8 rows (gemm_few) {errs[8]:.1e}, "
+          f"17 rows (sgemm) {errs[17]:.1e}")
+    assert errs[8] <= 2 * errs[17] and errs[8] < 2e-6
+
+
 def test_decode_steps_equal_the_full_forward_at_a_wide_model():
     """At a width where the KV-cache decode steps run through gemm_few (c_attn 384 x 1152,
     the LM head), their logits equal the no-cache forward pass's (prefill products: sgemm)."""
