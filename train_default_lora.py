@@ -9,7 +9,8 @@ Ready to paste:
     OMP_NUM_THREADS=1 mpirun -np 2 python train_default_lora.py --demo       # 2 processes (README: MPI)
 
 Writes into --output-dir: config.json (this run's settings), train_loss.txt / val_loss.txt
-(step<TAB>loss), metrics.jsonl, adapter-step0/ (the starting adapter), checkpoint-<step>/
+(step<TAB>loss), metrics.jsonl, adapter-step0/ (the starting adapter; adapter-step<N>/ after
+the steps of --adapter-steps), checkpoint-<step>/
 (PEFT adapter + optimizer state, written atomically, with checksums), adapter/ (the final
 PEFT-format adapter), base_model/ (with --random-base), predictions.json and scores.json
 (SQuAD EM/F1 by greedy generation), curves.png; .lock while it runs.

@@ -18,17 +18,21 @@ What is the same as in train_default_lora.py, by construction:
 - the start: the random base (--random-base) is drawn from NumPy by init_weights.py into
   OUTPUT_DIR/base_model (the same bytes for the same --seed and shape), and every lora_A is
   replaced by init_weights.lora_A (B stays zero), so adapter-step0/ holds the same tensors;
-- the loss: mean cross-entropy over the supervised tokens of each micro-batch, divided by
-  the number of micro-batches of the step; the held-out loss token-weighted over batches;
+- the loss: the token losses of the whole global batch / their number, however it is cut
+  into micro-batches (train_default_lora.optimizer_step); the held-out loss token-weighted;
 - the answers: test_generation.answer_questions (prompts, batching, answer rule) driving
   Hugging Face's generate with greedy decoding.
 The dropout masks are PyTorch's own, so with dropout on the two runs differ by their masks.
 
 Writes into --output-dir (by default the Jittor script's folder + "-pytorch", so a reference
 run never overwrites ours): config.json, train_loss.txt, val_loss.txt, metrics.jsonl,
-adapter-step0/ and adapter/ (PEFT's save_pretrained), base_model/ (with --random-base),
-predictions.json and scores.json, curves.png. It writes no checkpoints, so it has no
+adapter-step0/, adapter-step<N>/ (--adapter-steps) and adapter/ (PEFT's save_pretrained),
+base_model/ (with --random-base), predictions.json and scores.json, curves.png. It writes no checkpoints, so it has no
 --resume; --qv-only is refused (PEFT cannot train q and v slices of the fused c_attn alone).
+
+--dtype float64 (this script's own option) runs the same training in double precision: the
+yardstick that tells float32 rounding from a real difference between the two float32 runs
+(README: 与 PyTorch 对齐).
 
 PyTorch, transformers and PEFT are this project's test and reference dependencies, not
 runtime ones: `pip install -r requirements-test.txt`.
