@@ -39,12 +39,12 @@ Only for Jittor on CPU with oneDNN ("mkl" in Jittor); `available()` says whether
 runtime.prepare(model) is what switches a model to them.
 """
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from jittor_env import jt
+import token_dropout  # the token-keyed dropout masks the kernels draw
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 
@@ -79,84 +79,14 @@ def _code(shapes, dtypes, inputs, header, src, data=None):
 
 def _seed():
     """Two 24-bit seed words for one dropout call: 2 x 24 random bits from Jittor's generator
-    (so jt.set_seed makes dropout repeatable); inside token_keys(), from its seed and the
-    call's number in the block instead (see there)."""
-    if _keys is not None:
-        _keys.calls += 1
-        words = np.random.SeedSequence((_keys.seed, _keys.calls)).generate_state(2) >> np.uint32(8)
-        return jt.array(words.astype(np.int32))
-    return jt.randint(0, 1 << 24, (2,), "int32")
+    (so jt.set_seed makes dropout repeatable); inside token_dropout.token_keys(), from its
+    seed and the call's number in the block instead (see there)."""
+    words = token_dropout.call_seed()
+    return jt.randint(0, 1 << 24, (2,), "int32") if words is None else jt.array(words)
 
 
 def _no_seed():
     return jt.zeros((2,), "int32")
-
-
-# ----------------------------------------------------------------------------
-# Dropout keyed by token
-#
-# A batch's dropout masks normally hash each element's flat index, so the mask a token gets
-# depends on which examples share its batch and where it sits. Inside token_keys(), every
-# array whose rows are the batch's tokens (the padded batch, its packed real tokens, or the
-# query rows of a PackedRows made inside the block) is dropped row by row: row r hashes its
-# columns under the call's seed mixed with its token's key (example id << 12) + position,
-# and attention probabilities under (the query token's key, head) with the key positions as
-# columns. The call's seed words come from the block's seed and the call's number (the k-th
-# dropout of a forward is the same layer in every forward), not from Jittor's generator,
-# whose random ops draw when the graph runs, in an order set by the graph: so a global
-# batch split into any micro-batches and processes draws the same masks. The kernels find
-# a call's row keys by its number of rows, which tells the layouts of one batch apart.
-
-class _TokenKeys:
-    def __init__(self, seed):
-        self.seed, self.calls, self.rows = seed, 0, {}  # rows -> int32 Var of the row keys
-
-
-_keys = None  # a _TokenKeys inside token_keys(), else None
-
-
-def _token_key_array(example_ids, positions):
-    key = (np.asarray(example_ids, np.int64) << 12) + np.asarray(positions, np.int64)
-    return (key & 0xFFFFFFFF).astype(np.uint32).view(np.int32)  # 32-bit keys; the hash mixes them
-
-
-@contextmanager
-def token_keys(example_ids, attention_mask, seed):
-    """Key the dropout masks of the one forward run inside this block by token (see above).
-
-    example_ids: (B,) ints that name the batch's examples wherever they are trained (e.g.
-    their index in the training set); attention_mask: (B, T), 1 = real token, right-padded;
-    seed: a non-negative int (e.g. from the training step), the same for every piece of a
-    batch that must draw as one.
-    """
-    global _keys
-    mask = np.asarray(attention_mask) > 0
-    B, T = mask.shape
-    positions = np.broadcast_to(np.arange(T), (B, T))
-    padded = _token_key_array(np.repeat(np.asarray(example_ids), T), positions.reshape(-1))
-    _keys = _TokenKeys(seed)
-    try:
-        _register(B * T, padded)
-        _register(int(mask.sum()), padded[mask.reshape(-1)])  # the real tokens, row-major (PackedRows)
-        yield
-    finally:
-        _keys = None
-
-
-def _register(rows, keys):
-    old = _keys.rows.get(rows)
-    if old is not None and not np.array_equal(old.numpy(), keys):
-        raise RuntimeError(f"token_keys: two token layouts of {rows} rows; their dropout keys would be ambiguous")
-    _keys.rows[rows] = jt.array(keys)
-
-
-def _row_keys(rows):
-    """(int32 Var of the keys of `rows` token rows, 1.0) inside token_keys(), else (placeholder, 0.0)."""
-    if _keys is None:
-        return jt.zeros((1,), "int32"), 0.0
-    if rows not in _keys.rows:
-        raise RuntimeError(f"token_keys: no token layout of {rows} rows in this batch (have {sorted(_keys.rows)})")
-    return _keys.rows[rows], 1.0
 
 
 # ----------------------------------------------------------------------------
@@ -169,7 +99,7 @@ _DROPOUT_SRC = r"""gpt2cpu::dropout(in0->num, in0_p, gpt2cpu::Drop(data["p"], in
 class _Dropout(jt.Function):
     def execute(self, x, p):
         x = x.reshape(-1, x.shape[-1])  # a row per token
-        self.seed, (self.keys, keyed) = _seed(), _row_keys(x.shape[0])
+        self.seed, (self.keys, keyed) = _seed(), token_dropout.row_keys(x.shape[0])
         self.data = {"p": float(p), "keyed": keyed}
         return _code(x.shape, "float32", [x, self.seed, self.keys], "common.h", _DROPOUT_SRC, self.data)
 
@@ -232,7 +162,7 @@ class _LoRALinear(jt.Function):
 
     def execute(self, x, weight, bias, lora_A, B_full, seed, scaling, p_drop):
         n, n_out, r = x.shape[0], weight.shape[1], lora_A.shape[0] if scaling else 0
-        keys, keyed = _row_keys(n) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
+        keys, keyed = token_dropout.row_keys(n) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
         self.data = {"r": r, "s": float(scaling), "p": float(p_drop), "keyed": keyed}
         y, a = _code([(n, n_out), (n, max(r, 1))], ["float32", "float32"],
                      [x, weight, bias, lora_A, B_full, seed, keys], "linear.h", r"""
@@ -325,7 +255,7 @@ def gelu_tanh(x):
 class _PaddedAttention(jt.Function):
     def execute(self, qkv, mask, seed, n_head, p_drop):
         B, T, C3 = qkv.shape
-        keys, keyed = _row_keys(B * T) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
+        keys, keyed = token_dropout.row_keys(B * T) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
         self.saved = (qkv, mask, seed, keys)
         self.data = {"H": n_head, "p": float(p_drop), "has_mask": float(mask.ndim == 2), "keyed": keyed}
         y, self.probs = _code([(B, T, C3 // 3), (B, n_head, T, T)], ["float32", "float32"], [qkv, mask, seed, keys],
@@ -374,8 +304,8 @@ class PackedRows:
         # per sequence (first row, rows, queries): csrc/attention.h's packed_heads
         self.seg = jt.array(np.stack([self.starts, lengths, queries], 1)[keep].astype(np.int32))
         self.n_probs = int((lengths * queries).sum())
-        if _keys is not None and self.n_out < self.n_rows:  # inside token_keys(): the query rows' keys
-            _register(self.n_out, _row_keys(self.n_rows)[0].numpy()[self.query_rows()])
+        if token_dropout.active() and self.n_out < self.n_rows:  # inside token_keys(): the query rows' keys
+            token_dropout.register(self.n_out, token_dropout.row_keys(self.n_rows)[0].numpy()[self.query_rows()])
 
     def query_rows(self):
         """Indices of the rows that get an output, in output order."""
@@ -388,7 +318,7 @@ class PackedRows:
 
 class _PackedAttention(jt.Function):
     def execute(self, qkv, layout, seed, n_head, p_drop):
-        keys, keyed = _row_keys(qkv.shape[0]) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
+        keys, keyed = token_dropout.row_keys(qkv.shape[0]) if p_drop > 0 else (jt.zeros((1,), "int32"), 0.0)
         self.saved = (qkv, layout, seed, keys)
         self.data = {"H": n_head, "p": float(p_drop), "keyed": keyed}
         y, self.probs = _code([(layout.n_out, qkv.shape[1] // 3), (n_head * layout.n_probs,)], ["float32", "float32"],

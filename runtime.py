@@ -23,9 +23,9 @@ formulas as fused kernels; prepare() switches a model to them by
   the GPT (packed training on the real tokens only, in-place KV cache, LM head).
 
 prepare(model, fused=False) switches back; tests compare both on the same weights. The fused
-kernels run only on the CPU in fp32.
+kernels run only on the CPU in fp32. Either way each nn.Dropout becomes a
+token_dropout.KeyedDropout: inside dropout_keys() both paths draw the same token-keyed masks.
 """
-import contextlib
 
 import numpy as np
 
@@ -34,6 +34,8 @@ from jittor_env import jt
 from jittor import nn
 import cpu_kernels
 import mixed_precision
+import token_dropout
+from token_dropout import KeyedDropout
 from GPT2_jittor import GPT, CausalSelfAttention, Conv1D, LayerNorm, NewGELU
 from LoRA import LoRALinear
 
@@ -75,7 +77,7 @@ class FusedNewGELU(NewGELU):
         return cpu_kernels.gelu_tanh(x)
 
 
-class FusedDropout(nn.Dropout):
+class FusedDropout(KeyedDropout):
     """Inverted dropout with cpu_kernels' counter-hash mask (regenerated in backward, not stored)."""
 
     def execute(self, x):
@@ -84,9 +86,10 @@ class FusedDropout(nn.Dropout):
         return super().execute(x)
 
 
-# plain module class -> the subclass above that computes the same formula with cpu_kernels
+# plain module class -> the subclass above that computes the same formula with cpu_kernels.
+# Every nn.Dropout becomes a KeyedDropout first: token-keyed masks on both paths.
 FUSED = {Conv1D: FusedConv1D, LoRALinear: FusedLoRALinear, LayerNorm: FusedLayerNorm,
-         NewGELU: FusedNewGELU, nn.Dropout: FusedDropout}
+         NewGELU: FusedNewGELU, KeyedDropout: FusedDropout}
 PLAIN = {fused: plain for plain, fused in FUSED.items()}
 
 
@@ -143,6 +146,8 @@ def prepare(model, device="auto", precision="auto", fused=None):
                            "(install Debian's libdnnl-dev: `make setup` does it)")
     table = FUSED if fused else PLAIN
     for m in model.modules():
+        if type(m) is nn.Dropout:
+            m.__class__ = KeyedDropout
         if type(m) in table:
             m.__class__ = table[type(m)]
         if isinstance(m, (GPT, CausalSelfAttention)):
@@ -183,12 +188,10 @@ def is_fused(model):
 
 
 def dropout_keys(model, example_ids, attention_mask, seed):
-    """A context for one training forward: where the fused kernels run, its dropout masks are
-    keyed by (seed, token) (cpu_kernels.token_keys), the same however a batch is split; the
-    plain path draws them from Jittor's generator in the batch's layout."""
-    if is_fused(model):
-        return cpu_kernels.token_keys(example_ids, attention_mask, seed)
-    return contextlib.nullcontext()
+    """A context for one training forward: its dropout masks are keyed by (seed, token)
+    (token_dropout.py), the same however a batch is split, and the same masks on the fused
+    and the plain path."""
+    return token_dropout.token_keys(example_ids, attention_mask, seed)
 def precision_of(model):
     """The precision `model` runs in, read back from its weights and Jittor's flags."""
     gpt = next(m for m in model.modules() if isinstance(m, GPT))

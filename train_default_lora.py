@@ -313,10 +313,9 @@ def optimizer_step(run, batch):
     cfg, model, opt, scaler, features = run.cfg, run.model, run.opt, run.scaler, run.data.train_features
     n_total = count_supervised([features[i] for i in batch])  # every rank sees the whole global batch
     mine = [idx for idx in rank_share(batch, distributed.world_size, distributed.rank, cfg.grad_accum) if idx]
-    # Dropout masks: a seed per step, so a resumed run draws what an uninterrupted one draws.
-    # The fused kernels key them by (step seed, example, position): the same in every
-    # micro-batch and rank. The plain path draws from Jittor's generator in the batch's
-    # layout, reseeded per step (per rank: Jittor's rank offset).
+    # Dropout masks: a seed per step, so a resumed run draws what an uninterrupted one draws,
+    # keyed by (step seed, example, position) on the fused and the plain path alike
+    # (token_dropout.py): the same in every micro-batch and rank.
     step_seed = (cfg.seed * 100_003 + run.step) % 2 ** 31  # Jittor's seeds are 31-bit
     jt.set_global_seed(step_seed)
     loss_sum = 0.0

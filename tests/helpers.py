@@ -77,3 +77,28 @@ def write_sample_split(folder):
     for name, articles in (("train", raw["data"][:4]), ("eval", raw["data"][4:])):
         (folder / f"{name}.json").write_text(json.dumps({"version": "1.1", "data": articles}))
     return folder / "train.json", folder / "eval.json"
+
+
+# ----------------------------------------------------------------------------
+# The token-keyed dropout masks written out in NumPy (token_dropout.py, csrc/common.h)
+
+def hash32(s0, s1, i):
+    """csrc/common.h's hash32 in NumPy (uint32 arithmetic wraps, as in C++)."""
+    z = (np.asarray(i, np.uint32) * np.uint32(0x9E3779B9) + np.asarray(s0, np.uint32)) ^ np.asarray(s1, np.uint32)
+    z ^= z >> np.uint32(16)
+    z *= np.uint32(0x85EBCA6B)
+    z ^= z >> np.uint32(13)
+    z *= np.uint32(0xC2B2AE35)
+    return z ^ (z >> np.uint32(16))
+
+
+def keyed_attention_keep(seed, p, example_ids, B, H, T):
+    """The keyed attention dropout's keep mask / (1 - p), (B, H, T, T), written out from its
+    definition: query (b, h, i) hashes key position j under the seed mixed with the query
+    token's key (example_ids[b] << 12) + i, then with h."""
+    s0, s1 = np.uint32(seed[0]), np.uint32(int(seed[1]) * 0x01000193 & 0xFFFFFFFF)
+    t = np.uint32(min(4294967295.0, p * 4294967296.0))
+    token = (np.asarray(example_ids, np.uint32)[:, None] << np.uint32(12)) + np.arange(T, dtype=np.uint32)  # (B, T)
+    per_query = hash32(hash32(s0, s1, token)[:, None, :], s1, np.arange(H, dtype=np.uint32)[None, :, None])
+    kept = hash32(per_query[..., None], s1, np.arange(T, dtype=np.uint32)) >= t  # (B, H, T, T)
+    return kept.astype(np.float32) / np.float32(1 - p)

@@ -15,7 +15,9 @@ import pytest
 
 from jittor_env import jt
 import cpu_kernels as K
+import token_dropout
 from GPT2_jittor import causal_attention
+from helpers import hash32, keyed_attention_keep
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="needs Jittor on CPU with oneDNN")
 
@@ -118,10 +120,10 @@ def test_linear_equals_plain_jittor(lora, p, keyed):
     keys = None
     if lora:
         # keyed: the 150 rows are the real tokens of 3 examples of 60, 50 and 40 tokens
-        with K.token_keys([4, 0, 9], np.arange(60)[None, :] < np.array([[60], [50], [40]]), 0) if keyed \
+        with token_dropout.token_keys([4, 0, 9], np.arange(60)[None, :] < np.array([[60], [50], [40]]), 0) if keyed \
                 else nullcontext():
             ours = K._LoRALinear()(x, W, b, A, B, seed, s, p)
-            keys = K._row_keys(n)[0] if keyed else None
+            keys = token_dropout.row_keys(n)[0] if keyed else None
         xd = x * kept_scale((n, n_in), seed, p, keys) if p else x
         ref = jt.matmul(x, W) + b + jt.matmul(jt.matmul(xd, A.transpose(1, 0)), B.transpose(1, 0)) * s
         params = [x, W, b, A, B]
@@ -193,28 +195,6 @@ def test_dropout_kernel_rate_scale_gradient_and_seeding():
     assert np.array_equal(a, b) and not np.array_equal(b, c)
 
 
-def hash32(s0, s1, i):
-    """csrc/common.h's hash32 in NumPy (uint32 arithmetic wraps, as in C++)."""
-    z = (np.asarray(i, np.uint32) * np.uint32(0x9E3779B9) + np.asarray(s0, np.uint32)) ^ np.asarray(s1, np.uint32)
-    z ^= z >> np.uint32(16)
-    z *= np.uint32(0x85EBCA6B)
-    z ^= z >> np.uint32(13)
-    z *= np.uint32(0xC2B2AE35)
-    return z ^ (z >> np.uint32(16))
-
-
-def keyed_attention_keep(seed, p, example_ids, B, H, T):
-    """The keyed attention dropout's keep mask / (1 - p), (B, H, T, T), written out from its
-    definition: query (b, h, i) hashes key position j under the seed mixed with the query
-    token's key (example_ids[b] << 12) + i, then with h."""
-    s0, s1 = np.uint32(seed[0]), np.uint32(int(seed[1]) * 0x01000193 & 0xFFFFFFFF)
-    t = np.uint32(min(4294967295.0, p * 4294967296.0))
-    token = (np.asarray(example_ids, np.uint32)[:, None] << np.uint32(12)) + np.arange(T, dtype=np.uint32)  # (B, T)
-    per_query = hash32(hash32(s0, s1, token)[:, None, :], s1, np.arange(H, dtype=np.uint32)[None, :, None])
-    kept = hash32(per_query[..., None], s1, np.arange(T, dtype=np.uint32)) >= t  # (B, H, T, T)
-    return kept.astype(np.float32) / np.float32(1 - p)
-
-
 def test_token_keyed_dropout_written_out():
     """Inside token_keys, the packed real tokens' dropout (a row per token) is, exactly, row r
     hashing its columns under the seed mixed with its token's key (example << 12) + position."""
@@ -222,7 +202,7 @@ def test_token_keyed_dropout_written_out():
     ids = [3, 70000, 11]
     x = jt.ones((int(mask.sum()), 96), "float32")
     op = K._Dropout()
-    with K.token_keys(ids, mask, 5):
+    with token_dropout.token_keys(ids, mask, 5):
         y = op(x, 0.1).numpy()
     s0, s1 = np.uint32(op.seed.numpy()[0]), np.uint32(int(op.seed.numpy()[1]) * 0x01000193 & 0xFFFFFFFF)
     b, pos = np.nonzero(mask)
@@ -250,7 +230,7 @@ def test_token_keyed_attention_dropout_is_the_same_padded_and_packed():
     w_padded = jt.array(np.zeros((B * T, H * D), np.float32))
     w_padded[jt.array(rows.astype(np.int32))] = w
     xr = x.reshape(B * T, -1)[jt.array(rows.astype(np.int32))]
-    with K.token_keys([5, 9, 2], mask, 0):  # the seed words are given to the kernels here
+    with token_dropout.token_keys([5, 9, 2], mask, 0):  # the seed words are given to the kernels here
         padded = K._PaddedAttention()(x, jt.array(mask), seed, H, p).reshape(B * T, -1)
         packed = K._PackedAttention()(xr, K.PackedRows(mask.sum(1)), seed, H, p)
     flat = K._PackedAttention()(xr, K.PackedRows(mask.sum(1)), seed, H, p).numpy()
@@ -294,7 +274,7 @@ def test_token_keyed_dropout_does_not_depend_on_the_batch():
             T = max(lengths[b] for b in g)
             mask = np.array([[1] * lengths[b] + [0] * (T - lengths[b]) for b in g], np.int32)
             jt.set_seed(77)
-            with K.token_keys(g, mask, 77) if keyed else nullcontext():
+            with token_dropout.token_keys(g, mask, 77) if keyed else nullcontext():
                 _, loss = model(jt.array(ids[g, :T]), jt.array(targets[g, :T]), attention_mask=jt.array(mask))
             loss = loss * float((targets[g, :T] != -100).sum())
             gs = jt.grad(loss, params)

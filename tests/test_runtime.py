@@ -34,7 +34,9 @@ def test_a_new_model_runs_the_plain_formulas():
 @pytest.mark.skipif(not runtime.fused_kernels_available(), reason="needs Jittor on the CPU with oneDNN")
 def test_prepare_switches_every_module_and_back():
     model = LoRAGPT(GPT(SMALL), LoRAConfig(r=2, target_modules=("c_attn", "c_fc")))
-    plain, _ = kinds(model)
+    new, _ = kinds(model)
+    plain, _ = kinds(runtime.prepare(model, fused=False))  # every nn.Dropout keyed by token, on both paths
+    assert plain["KeyedDropout"] == new["Dropout"] > 0 and "Dropout" not in plain
     fused, flags = kinds(runtime.prepare(model))
     print(f"\nplain: {plain}\nfused: {fused}")
     # every module of a class in the table is swapped; nothing else is
