@@ -6,7 +6,7 @@ test_cpu_kernels.py; here: what prepare() switches, and that it switches all of 
 """
 import pytest
 
-from jittor_env import jt
+from jittor_env import jt  # noqa: F401 (Jittor set up before the modules below)
 import cpu_kernels
 import runtime
 from GPT2_jittor import GPT, GPTConfig, CausalSelfAttention
