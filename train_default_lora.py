@@ -339,7 +339,7 @@ def optimizer_step(run, batch):
     # on the summed gradient, the same on every rank; fp16: the gradients / scale, all finite
     if scaler is None or scaler.unscale_(opt):
         if cfg.clip > 0:
-            opt.clip_grad_norm(cfg.clip)
+            clip_grad_norm(opt, cfg.clip)
         # Jittor counts backward() calls in n_step; AdamW's bias correction must count
         # optimizer steps taken (as torch does), which differ under gradient accumulation and
         # after steps the loss scaler skipped.
@@ -352,6 +352,22 @@ def optimizer_step(run, batch):
         scaler.step(opt)  # skipped when a gradient was not finite
         scaler.update()
     return loss, sum(len(features[i].input_ids) for i in batch)
+
+
+def clip_grad_norm(opt, max_norm):
+    """Scale the gradients of `opt` so that their global 2-norm is at most max_norm: torch's
+    clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), at most 1), with the squares summed
+    in float64. Jittor's Optimizer.clip_grad_norm sums them in one float32 running sum, over
+    1.2 million LoRA gradients for GPT-2 124M at r=8: ~1e-4 off, which does not change AdamW's
+    first step (it divides the scale out) but weighs every later step's gradient against the
+    earlier ones wrongly by as much. The alignment run against PyTorch found it."""
+    grads = [g for pg in opt.param_groups for p, g in zip(pg["params"], pg["grads"]) if not p.is_stop_grad()]
+    if not grads:
+        return
+    norm = jt.sqrt(sum((g.float64() * g.float64()).sum() for g in grads))
+    coef = jt.minimum(max_norm / (norm + 1e-6), 1.0).float32()
+    for g in grads:
+        g.update(g * coef)
 
 
 # ----------------------------------------------------------------------------

@@ -174,6 +174,39 @@ def test_grad_accumulation_keeps_adamw_bias_correction(split_files, tmp_path):
     assert abs(np.median(moved) - 1e-3) < 1e-5
 
 
+def test_gradient_clipping_sums_the_norm_accurately():
+    """The clipping coefficient over GPT-2 124M's 1.2 million LoRA gradients (r=8), against
+    float64: ours as close as torch's clip_grad_norm_; Jittor's Optimizer.clip_grad_norm (one
+    float32 running sum) is ~1e-3 off, which made AdamW's later steps drift from PyTorch's."""
+    import torch
+    from jittor_env import jt
+    rng = np.random.default_rng(0)
+    shapes = [(8, 768), (2304, 8), (8, 768), (768, 8), (8, 768), (3072, 8), (8, 3072), (768, 8)] * 12
+    grads = [(rng.normal(0, 1, s) * 10 ** rng.uniform(-5, -3)).astype(np.float32) for s in shapes]
+    norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
+    exact = 0.01 / (norm + 1e-6)
+
+    def coefficient(clip):
+        params = [jt.zeros(g.shape, "float32") for g in grads]
+        opt = jt.optim.AdamW(params, lr=1e-3)
+        opt.backward(sum((p * jt.array(g)).sum() for p, g in zip(params, grads)))
+        clip(opt)
+        return np.concatenate([(c.numpy() / g).ravel() for c, g in zip(opt.param_groups[0]["grads"], grads)])
+
+    ours = coefficient(lambda opt: train_default_lora.clip_grad_norm(opt, 0.01))
+    jittors = coefficient(lambda opt: opt.clip_grad_norm(0.01))
+    tensors = [torch.zeros(g.shape, requires_grad=True) for g in grads]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.from_numpy(g.copy())
+    torch.nn.utils.clip_grad_norm_(tensors, 0.01)
+    torchs = np.concatenate([(t.grad.numpy() / g).ravel() for t, g in zip(tensors, grads)])
+    err = {name: float(np.abs(c / exact - 1).max()) for name, c in
+           (("ours", ours), ("torch", torchs), ("Jittor's", jittors))}
+    print(f"\nclip coefficient over {sum(g.size for g in grads)} gradients vs float64: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+    assert err["ours"] <= max(2 * err["torch"], 2e-7)
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(lr=1.0, warmup_steps=4, schedule="cosine")
     lrs = [learning_rate(s, cfg, 20) for s in range(20)]
