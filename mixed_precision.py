@@ -60,7 +60,7 @@ class LossScaler:
     Per optimizer step, as with GradScaler:
         opt.backward(scaler.scale_loss(loss))      # gradients of loss * scale
         scaler.unscale_(opt)                       # gradients / scale; notes any inf/NaN
-        opt.clip_grad_norm(...)                    # optional, on the true gradients
+        clip_grad_norm(opt, ...)                   # optional, on the true gradients
         scaler.step(opt)                           # opt.step(), or skipped on inf/NaN
         scaler.update()                            # the new scale
     update(): after a step with a non-finite gradient the scale is multiplied by

@@ -11,7 +11,7 @@ two runs compute the same numbers up to float rounding):
 
 What is the same as in train_default_lora.py, by construction:
 - the command line (train_config.TrainConfig: one definition), the schedule (learning_rate),
-  clipping (torch.nn.utils.clip_grad_norm_, the formula Jittor's clip_grad_norm uses) and
+  clipping (torch.nn.utils.clip_grad_norm_, the formula of train_default_lora.clip_grad_norm) and
   AdamW's settings (betas 0.9 / 0.999, eps 1e-8, decoupled weight decay);
 - the data: gpt2_lora_dataset.load_data, batches and collate (the same examples, batch
   order, answer-only targets, bucketing, held-out batches);
