@@ -78,15 +78,16 @@ def test_outside_token_keys_it_is_jittors_dropout():
 
 
 def tiny_lora_gpt(seed):
-    """A LoRA GPT with every dropout on (embeddings, attention, residuals, LoRA input) and
+    """A LoRA GPT (base from Jittor's seed 0; LoRA weights and batch from `seed`) with every dropout on (embeddings, attention, residuals, LoRA input) and
     random LoRA weights, plus a batch: 4 examples of lengths 40/25/33/12, the last 6 tokens
     of each supervised."""
     rng = np.random.default_rng(seed)
-    jt.set_global_seed(seed)
+    jt.set_global_seed(0)  # the random base
     model = LoRAGPT(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=300)),
                     LoRAConfig(r=4, dropout=0.1))
     for p in model.trainable_parameters():
         p.update(jt.array(rng.normal(0, 0.2, p.shape).astype(np.float32)))
+    jt.sync_all()  # the random base weights are drawn now, not inside the first forward (after jt.set_seed)
     lengths = [40, 25, 33, 12]
     ids = rng.integers(0, 300, (4, 40)).astype(np.int32)
     targets = np.full((4, 40), -100, np.int32)
@@ -116,18 +117,19 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_plain_path_split_draws_the_same_masks():
-    """The plain path (the GPU's): a batch of 4 and the same examples as 2 + 2 (other widths,
-    other places in the batch) give the same loss and LoRA gradients inside token_keys; with
-    Jittor's generator (reseeded alike) they do not."""
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_kernels)], ids=["plain", "fused"])
+def test_a_split_batch_draws_the_same_masks(fused):
+    """The plain path (the GPU's) and the fused CPU kernels: a batch of 4 and the same examples
+    as 2 + 2 (other widths, other places in the batch) give the same loss and LoRA gradients
+    inside token_keys; with Jittor's generator (reseeded alike) they do not."""
     model, lengths, ids, targets = tiny_lora_gpt(10)
-    runtime.prepare(model, "cpu", "fp32", fused=False)
+    runtime.prepare(model, "cpu", "fp32", fused=fused)
     one = loss_sum_and_grads(model, [[0, 1, 2, 3]], lengths, ids, targets, True)
     two = loss_sum_and_grads(model, [[2, 0], [3, 1]], lengths, ids, targets, True)
     flat = loss_sum_and_grads(model, [[2, 0], [3, 1]], lengths, ids, targets, False)
     d_loss, d_grad = abs(one[0] - two[0]) / abs(one[0]), max(rel(a, b) for a, b in zip(two[1], one[1]))
     d_flat, d_flat_grad = abs(one[0] - flat[0]) / abs(one[0]), max(rel(a, b) for a, b in zip(flat[1], one[1]))
-    print(f"\nplain path, batch of 4 vs 2 + 2: summed loss {d_loss:.1e}, LoRA gradients {d_grad:.1e}; "
+    print(f"\n{'fused' if fused else 'plain'} path, batch of 4 vs 2 + 2: summed loss {d_loss:.1e}, LoRA gradients {d_grad:.1e}; "
           f"Jittor's generator: summed loss {d_flat:.1e}, LoRA gradients {d_flat_grad:.1e}")
     assert d_loss < 1e-6 and d_grad < 1e-5
     assert d_flat > 1e-4 and d_flat_grad > 1e-2
