@@ -88,8 +88,8 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       train_gen_eval_examples=16, max_new_tokens=12)
 # batch_size and grad_accum may change with the number of processes; the global batch
 # (batch_size x grad_accum x processes) must stay, which resuming checks against the checkpoint.
-RESUME_MAY_CHANGE = {"device", "max_steps", "adapter_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints",
-                     "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens",
+RESUME_MAY_CHANGE = {"device", "max_steps", "adapter_steps", "epochs", "eval_interval", "save_interval",
+                     "keep_checkpoints", "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens",
                      "batch_size", "grad_accum"}
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
                 "max_new_tokens", "r", "eval_examples")

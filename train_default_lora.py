@@ -58,8 +58,8 @@ from gpt2_lora_dataset import Data, batches, collate, count_supervised, load_dat
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import answer_questions, score_run
-from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check, learning_rate,
-                          parse_args, read_saved_config, total_steps)
+from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check,
+                          learning_rate, parse_args, read_saved_config, total_steps)
 from train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
                          latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
                          remove_leftovers, restore_checkpoint, save_checkpoint, stop_at, truncate_log, write_folder,
@@ -358,7 +358,7 @@ def clip_grad_norm(opt, max_norm):
     """Scale the gradients of `opt` so that their global 2-norm is at most max_norm: torch's
     clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), at most 1), with the squares summed
     in float64. Jittor's Optimizer.clip_grad_norm sums them in one float32 running sum, over
-    1.2 million LoRA gradients for GPT-2 124M at r=8: ~1e-4 off, which does not change AdamW's
+    1.2 million LoRA gradients for GPT-2 124M at r=8: ~1e-3 off, which does not change AdamW's
     first step (it divides the scale out) but weighs every later step's gradient against the
     earlier ones wrongly by as much. The alignment run against PyTorch found it."""
     grads = [g for pg in opt.param_groups for p, g in zip(pg["params"], pg["grads"]) if not p.is_stop_grad()]

@@ -27,8 +27,9 @@ The dropout masks are PyTorch's own, so with dropout on the two runs differ by t
 Writes into --output-dir (by default the Jittor script's folder + "-pytorch", so a reference
 run never overwrites ours): config.json, train_loss.txt, val_loss.txt, metrics.jsonl,
 adapter-step0/, adapter-step<N>/ (--adapter-steps) and adapter/ (PEFT's save_pretrained),
-base_model/ (with --random-base), predictions.json and scores.json, curves.png. It writes no checkpoints, so it has no
---resume; --qv-only is refused (PEFT cannot train q and v slices of the fused c_attn alone).
+base_model/ (with --random-base), predictions.json and scores.json, curves.png. It writes
+no checkpoints, so it has no --resume; --qv-only is refused (PEFT cannot train q and v
+slices of the fused c_attn alone).
 
 --dtype float64 (this script's own option) runs the same training in double precision: the
 yardstick that tells float32 rounding from a real difference between the two float32 runs
@@ -80,9 +81,8 @@ def log(msg):
 
 def build_model(cfg, out, dtype="float32"):
     """(PEFT model, base model folder): GPT2LMHeadModel from the base folder train_default_lora.py
-    would use, LoRA by PEFT, every lora_A replaced by the NumPy draw train_default_lora.py makes.
-    dtype float64 gives the same run computed with ~1e-16 rounding instead of ~1e-7: the yardstick
-    that tells float32 rounding from a real difference between the two float32 runs."""
+    would use, LoRA by PEFT, every lora_A replaced by the NumPy draw train_default_lora.py makes,
+    all in `dtype` (float64: --dtype, see the module doc)."""
     base_dir = base_model_dir(cfg, out, log)
     base = GPT2LMHeadModel.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, fan_in_fan_out=True,
