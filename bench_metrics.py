@@ -1,11 +1,13 @@
 """What benchmark.py measures besides time: the matmul FLOPs of the work (for achieved
 GFLOP/s and MFU), each framework's matmul rate on the model's shapes, peak host memory, and
 the GPU as nvidia-smi reports it (name, dense bf16 peak, memory used), the same for both
-frameworks. No Jittor and no PyTorch here.
+frameworks, and the CPU the numbers came from. No Jittor and no PyTorch here.
 """
+import os
 import resource
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -89,6 +91,18 @@ def matmul_rate(mm, make, sync, C, rows=1024, reps=5):
 PEAK_BF16_TFLOPS = [("H200 NVL", 835.0), ("H200", 989.0),   # H200 datasheet: 1,671 / 1,979 with sparsity
                     ("H100 PCIe", 756.0), ("H100", 989.0),  # H100 datasheet: 1,513 (PCIe) / 1,979 (SXM)
                     ("A100", 312.0)]                        # A100 datasheet: 312 dense
+
+
+def cpu_model():
+    """'<model name>, <n> cores, AVX-512 yes|no' from /proc/cpuinfo: speeds and float32
+    rounding (Jittor compiles for this CPU, -march=native) depend on it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"unknown CPU, {os.cpu_count()} cores"
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines if ":" in line)}
+    avx512 = "yes" if "avx512f" in field.get("flags", "").split() else "no"
+    return f"{field.get('model name', 'unknown CPU')}, {os.cpu_count()} cores, AVX-512 {avx512}"
 
 
 def nvidia_smi(*query):

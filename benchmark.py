@@ -57,8 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_metrics import (GpuMemoryPeak, generate_flops, matmul_rate, nvidia_smi, peak_bf16_tflops, peak_rss_mb,
-                           train_flops)
+from bench_metrics import (GpuMemoryPeak, cpu_model, generate_flops, matmul_rate, nvidia_smi, peak_bf16_tflops,
+                           peak_rss_mb, train_flops)
 from gpt2_lora_dataset import SHARED_SQUAD
 from mixed_precision import DEVICES, HALF_DTYPES, PRECISIONS, resolve
 from model_utils import EOS_ID, IGNORE_INDEX
@@ -489,7 +489,8 @@ def main(argv=None):
     else:
         config.update(questions=args.questions, max_new_tokens=args.max_new_tokens, warmup=args.warmup)
     result = {"task": args.task, "framework": args.framework, "config": config,
-              "device": args.device, "precision": args.precision, "gpu": gpu if on_gpu else None, **result,
+              "device": args.device, "precision": args.precision, "gpu": gpu if on_gpu else None,
+              "cpu": cpu_model(), **result,
               "peak_rss_mb": peak_rss_mb(), "gpu_memory_smi_mb": memory.peak_mb if on_gpu and gpu else None,
               # model FLOP utilisation: the FLOPs the work needs (flop accounting above) / time / peak
               "mfu": result["achieved_gflops"] / (peak * 1e3) if on_gpu and peak else None,

@@ -35,9 +35,12 @@ that plain code, forward and backward.
 The C++ lives in csrc/ (one header per concern; each jt.code call gets the header it needs
 with its local #includes inlined, so Jittor's compile cache, keyed by source text, sees
 every change). Measurements behind the design and its thresholds: docs/cpu_kernels.md.
+The AVX-512 paths compile where the CPU has it (Jittor passes -march=native); every kernel
+also has a portable path, which CPU_KERNELS_NO_AVX512=1 selects on any CPU (for testing it).
 Only for Jittor on CPU with oneDNN ("mkl" in Jittor); `available()` says whether they run, and
 runtime.prepare(model) is what switches a model to them.
 """
+import os
 import re
 from pathlib import Path
 
@@ -61,6 +64,8 @@ def _inline_includes(name):
 
 # header name -> the C++ text handed to jt.code (read once, at import)
 _HEADERS = {p.name: _inline_includes(p.name) for p in sorted(_CSRC.glob("*.h"))}
+if os.environ.get("CPU_KERNELS_NO_AVX512") == "1":  # the paths a CPU without AVX-512 runs
+    _HEADERS = {name: "#undef __AVX512F__\n" + text for name, text in _HEADERS.items()}
 
 
 def available():

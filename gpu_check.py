@@ -6,8 +6,10 @@
 
 Writes one JSON report (--out) and a short table (stdout and --out with .md). The checks, in order:
   logits    fp32: max |logits - transformers| on the real positions of a left-padded batch of real
-            prompts; bf16: the same against transformers in fp32 and under torch.autocast(bf16)
-            (whose own error is the yardstick), and argmax agreement with fp32 transformers
+            prompts, and how far each of the two is from transformers in float64 (which one a
+            difference comes from); bf16: the same against transformers in fp32 and under
+            torch.autocast(bf16) (whose own error is the yardstick), and argmax agreement with fp32
+            transformers
   nan       no NaN or inf anywhere, pads included, with left padding in fp32, bf16 and fp16, through
             Jittor's own softmax on this device; and, for the record, the old fill (finfo(float32).min)
             through the same softmax: NaN at real positions on CUDA, none on the CPU
@@ -40,6 +42,7 @@ from types import SimpleNamespace
 import numpy as np
 
 import benchmark
+from bench_metrics import cpu_model
 from benchmark import LORA, LR, MODELS, WEIGHT_DECAY, default_data
 from model_utils import EOS_ID
 
@@ -115,12 +118,19 @@ class Pair:
         from jittor_env import jt
         return self.ours(jt.array(ids), attention_mask=jt.array(mask)).numpy()
 
-    def ref_logits(self, ids, mask, autocast=None):
+    def ref_logits(self, ids, mask, autocast=None, model=None):
         torch = self.torch
         pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)  # positions count real tokens, as generation does
         with torch.no_grad(), torch.autocast(self.device, dtype=autocast, enabled=autocast is not None):
-            out = self.ref(input_ids=self.tensor(ids), attention_mask=self.tensor(mask), position_ids=self.tensor(pos))
-        return out.logits.float().cpu().numpy()
+            out = (model or self.ref)(input_ids=self.tensor(ids), attention_mask=self.tensor(mask),
+                                      position_ids=self.tensor(pos))
+        return out.logits.cpu().numpy() if model is not None else out.logits.float().cpu().numpy()
+
+    def ref_logits_float64(self, ids, mask):
+        """transformers' logits computed in float64 (a copy of the model): the yardstick that
+        tells which of two float32 implementations a difference between them comes from."""
+        import copy
+        return self.ref_logits(ids, mask, model=copy.deepcopy(self.ref).double())
 
 
 # ----------------------------------------------------------------------------
@@ -130,8 +140,10 @@ def check_logits(args, ids, mask):
     real = mask.astype(bool)
     pair = Pair(args)
     ref, ours = pair.ref_logits(ids, mask), pair.ours_logits(ids, mask)
+    ref64 = pair.ref_logits_float64(ids, mask)
     scale = float(np.abs(ref[real]).max())
     fp32 = float(np.abs(ours - ref)[real].max())
+    ours64, ref_vs64 = (float(np.abs(x - ref64)[real].max()) for x in (ours, ref))
     bf16_pair = Pair(args, "bf16")
     ours16 = bf16_pair.ours_logits(ids, mask)
     autocast = pair.ref_logits(ids, mask, pair.torch.bfloat16)
@@ -140,6 +152,7 @@ def check_logits(args, ids, mask):
     ok16 = bool(np.isfinite(ours16).all()) and (args.device == "cpu" or bf16 <= BF16_VS_AUTOCAST * yardstick)
     ok32 = fp32 <= LOGITS_FP32_REL * max(1.0, scale)
     return {"logit_scale": scale, "fp32_max_abs_diff": fp32, "fp32_pass": ok32,
+            "fp32_vs_float64": ours64, "transformers_fp32_vs_float64": ref_vs64,
             "bf16_max_abs_diff": bf16, "autocast_bf16_max_abs_diff": yardstick, "bf16_argmax_agreement": agree,
             "bf16_pass": ok16, "pass": ok32 and ok16}
 
@@ -242,8 +255,8 @@ CHECKS = {"logits": check_logits, "nan": check_nan, "generate": check_generate, 
 # Report
 
 def table(report):
-    lines = [f"gpu_check on {report['device']} ({report['gpu'] or 'no GPU'}), model {report['model']}, "
-             f"{report['elapsed_s']:.0f} s", "", "| check | result | pass |", "| --- | --- | --- |"]
+    lines = [f"gpu_check on {report['device']} ({report['gpu'] or 'no GPU'}; CPU {report.get('cpu')}), "
+             f"model {report['model']}, {report['elapsed_s']:.0f} s", "", "| check | result | pass |", "| --- | --- | --- |"]
     c = dict(report["checks"])
     for name, result in list(c.items()):
         if "error" in result:
@@ -252,7 +265,9 @@ def table(report):
     if "logits" in c:
         l = c["logits"]
         lines.append(f"| logits fp32 vs transformers | max abs diff {l['fp32_max_abs_diff']:.2e} "
-                     f"(logits up to {l['logit_scale']:.1f}) | {l['fp32_pass']} |")
+                     f"(logits up to {l['logit_scale']:.1f}); vs transformers in float64: ours "
+                     f"{l['fp32_vs_float64']:.2e}, transformers fp32 {l['transformers_fp32_vs_float64']:.2e} "
+                     f"| {l['fp32_pass']} |")
         lines.append(f"| logits bf16 vs transformers fp32 | {l['bf16_max_abs_diff']:.2e} (autocast bf16: "
                      f"{l['autocast_bf16_max_abs_diff']:.2e}); argmax agreement {l['bf16_argmax_agreement']:.3f} "
                      f"| {l['bf16_pass']} |")
@@ -340,7 +355,7 @@ def main(argv=None):
     args.train, args.heldout = args.train or default_data("train"), args.heldout or default_data("generate")
     args.max_length, args.rows, args.new_tokens = (96, 3, 6) if args.model == "tiny" else (256, 8, 16)
     gpu = (benchmark.nvidia_smi("name") or [None])[0] if args.device == "cuda" else None
-    report = {"device": args.device, "gpu": gpu, "model": args.model, "checks": {}, "speed": [], "skipped": [],
+    report = {"device": args.device, "gpu": gpu, "cpu": cpu_model(), "model": args.model, "checks": {}, "speed": [], "skipped": [],
               "seconds": {}, "elapsed_s": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         args.base, args.adapter = write_models(Path(tmp), args.model)

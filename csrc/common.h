@@ -2,6 +2,11 @@
 #ifndef GPT2CPU_COMMON_H
 #define GPT2CPU_COMMON_H
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+// Jittor's jt.code inserts its definitions (in0_type, index_t, ...) after the LAST #include
+// of the source: that one must not sit inside an #if, or a CPU without AVX-512 loses them.
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -9,9 +14,6 @@
 #include <vector>
 #include <algorithm>
 #include <omp.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 // oneDNN's row-major sgemm, the function Jittor's own mkl_matmul op calls. Jittor has
 // already loaded the library for its mkl ops, so the declaration is all we need.

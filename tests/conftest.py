@@ -8,6 +8,15 @@ import pytest  # noqa: E402
 from helpers import make_hf_model, save_hf_model  # noqa: E402
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The CPU the suite ran on and the figures tests recorded with helpers.measured()."""
+    from bench_metrics import cpu_model
+    from helpers import MEASURED
+    terminalreporter.section("measured")
+    for line in [f"CPU: {cpu_model()}"] + MEASURED:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     """Lazily built {(config name, "safetensors"|"bin"): folder} of HF-written checkpoints."""

@@ -13,6 +13,15 @@ import numpy as np
 
 from model_utils import EOS_ID
 
+# Figures a test wants at the end of the run's output, where CI's excerpt of it shows them
+# (conftest.py prints them with the CPU they were measured on): add with measured(line).
+MEASURED = []
+
+
+def measured(line):
+    MEASURED.append(line)
+
+
 # name -> transformers GPT2Config kwargs. "tiny" is deliberately not GPT-2's shape.
 CONFIGS = {
     # initializer_range 0.2 (GPT-2 uses 0.02): a random model with small weights repeats

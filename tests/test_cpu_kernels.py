@@ -17,7 +17,7 @@ from jittor_env import jt
 import cpu_kernels as K
 import token_dropout
 from GPT2_jittor import causal_attention
-from helpers import hash32, keyed_attention_keep
+from helpers import hash32, keyed_attention_keep, measured
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="needs Jittor on CPU with oneDNN")
 
@@ -438,3 +438,23 @@ def test_kernels_refuse_to_run_without_onednn(monkeypatch):
     x = jt.ones((2, 3), "float32")
     with pytest.raises(RuntimeError, match="need Jittor on CPU with oneDNN; check cpu_kernels.available"):
         K.matmul(x, x, trans_b=True)
+
+
+def test_the_portable_paths_run_and_equal_the_plain_code():
+    """The kernels as a CPU without AVX-512 compiles them (many AMD and laptop CPUs): this
+    file's tests again, in a process with CPU_KERNELS_NO_AVX512=1. (jt.code puts Jittor's
+    definitions after the source's last #include; when that one sat inside
+    `#ifdef __AVX512F__`, no kernel compiled on such a CPU.)"""
+    import os
+    import sys
+    from pathlib import Path
+    here = Path(__file__)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k",
+                        "not portable_paths and not compiles_alone"],
+                       cwd=here.parents[1], env={**os.environ, "CPU_KERNELS_NO_AVX512": "1"},
+                       capture_output=True, text=True, timeout=900)
+    summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    print(f"\nwithout AVX-512: {summary}")
+    measured(f"cpu_kernels' tests on the paths without AVX-512: {summary}")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in summary and " failed" not in summary
