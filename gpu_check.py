@@ -124,7 +124,8 @@ class Pair:
         with torch.no_grad(), torch.autocast(self.device, dtype=autocast, enabled=autocast is not None):
             out = (model or self.ref)(input_ids=self.tensor(ids), attention_mask=self.tensor(mask),
                                       position_ids=self.tensor(pos))
-        return out.logits.cpu().numpy() if model is not None else out.logits.float().cpu().numpy()
+        logits = out.logits  # float32, bf16 under autocast (numpy has no bf16), or float64
+        return (logits if logits.dtype == torch.float64 else logits.float()).cpu().numpy()
 
     def ref_logits_float64(self, ids, mask):
         """transformers' logits computed in float64 (a copy of the model): the yardstick that
@@ -256,7 +257,8 @@ CHECKS = {"logits": check_logits, "nan": check_nan, "generate": check_generate, 
 
 def table(report):
     lines = [f"gpu_check on {report['device']} ({report['gpu'] or 'no GPU'}; CPU {report.get('cpu')}), "
-             f"model {report['model']}, {report['elapsed_s']:.0f} s", "", "| check | result | pass |", "| --- | --- | --- |"]
+             f"model {report['model']}, {report['elapsed_s']:.0f} s",
+             "", "| check | result | pass |", "| --- | --- | --- |"]
     c = dict(report["checks"])
     for name, result in list(c.items()):
         if "error" in result:
@@ -355,8 +357,8 @@ def main(argv=None):
     args.train, args.heldout = args.train or default_data("train"), args.heldout or default_data("generate")
     args.max_length, args.rows, args.new_tokens = (96, 3, 6) if args.model == "tiny" else (256, 8, 16)
     gpu = (benchmark.nvidia_smi("name") or [None])[0] if args.device == "cuda" else None
-    report = {"device": args.device, "gpu": gpu, "cpu": cpu_model(), "model": args.model, "checks": {}, "speed": [], "skipped": [],
-              "seconds": {}, "elapsed_s": 0.0}
+    report = {"device": args.device, "gpu": gpu, "cpu": cpu_model(), "model": args.model, "checks": {}, "speed": [],
+              "skipped": [], "seconds": {}, "elapsed_s": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         args.base, args.adapter = write_models(Path(tmp), args.model)
         ids, mask = prompts_batch(args)

@@ -6,9 +6,12 @@ replaces, including the cases the model tests reach only indirectly: several que
 blocks (T > 64), fully masked rows, dropout (with the mask rebuilt from the same seed),
 packed rows with partial queries. Each test prints the largest difference.
 """
+import os
 import shutil
 import subprocess
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,9 +448,6 @@ def test_the_portable_paths_run_and_equal_the_plain_code():
     file's tests again, in a process with CPU_KERNELS_NO_AVX512=1. (jt.code puts Jittor's
     definitions after the source's last #include; when that one sat inside
     `#ifdef __AVX512F__`, no kernel compiled on such a CPU.)"""
-    import os
-    import sys
-    from pathlib import Path
     here = Path(__file__)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k",
                         "not portable_paths and not compiles_alone"],
