@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jittor_env import jt
+from backend.jittor_env import jt
 from jittor import nn
-import cpu_kernels
+from backend import cpu_kernels
 from gpt2_config import ACTIVATION_FUNCTIONS, GPTConfig  # GPTConfig: also imported from here
 from model_utils import (HF_IGNORED_SUFFIXES, IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, check_sizes,
                          pick_next_token, read_hf_weights, strip_transformer_prefix)

@@ -27,10 +27,10 @@ float32 through the casts.
 import math
 from dataclasses import dataclass, field
 
-from jittor_env import jt
+from backend.jittor_env import jt
 from jittor import nn
 from GPT2_jittor import as_dtype
-import init_weights
+from training import init_weights
 
 
 @dataclass

@@ -28,7 +28,7 @@ setup: system-deps $(VENV)/.runtime-installed
 test-setup: system-deps $(VENV)/.test-installed
 
 # Debian packages: oneDNN, as Jittor's own oneDNN download is unreachable offline (see
-# jittor_env.py), and OpenMPI (mpirun, and mpicc, with which Jittor compiles its MPI
+# backend/jittor_env.py), and OpenMPI (mpirun, and mpicc, with which Jittor compiles its MPI
 # operators) for training in several processes (README: MPI). Without root or apt,
 # Jittor still works, on slower matmul kernels and in one process, and says so.
 system-deps:

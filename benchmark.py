@@ -57,10 +57,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_metrics import (GpuMemoryPeak, cpu_model, generate_flops, matmul_rate, nvidia_smi, peak_bf16_tflops,
+from backend.bench_metrics import (GpuMemoryPeak, cpu_model, generate_flops, matmul_rate, nvidia_smi, peak_bf16_tflops,
                            peak_rss_mb, train_flops)
 from gpt2_lora_dataset import SHARED_SQUAD
-from mixed_precision import DEVICES, HALF_DTYPES, PRECISIONS, resolve
+from backend.mixed_precision import DEVICES, HALF_DTYPES, PRECISIONS, resolve
 from model_utils import EOS_ID, IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parent
@@ -177,7 +177,7 @@ def generation_batches(args):
 # args.device and args.precision to what runs ("auto" resolved by that framework).
 
 def jittor_setup(args):
-    from jittor_env import jt
+    from backend.jittor_env import jt
     import cpu_kernels
     from lora_models import LoRAGPT
     import runtime
@@ -204,7 +204,7 @@ def jittor_train(args, data):
     """Like train_default_lora.optimizer_step: this process's batch, the gradients summed over
     the processes once (timed separately, after the backward pass has run), one AdamW step
     (fp16: with the loss scaler)."""
-    from mixed_precision import LossScaler
+    from backend.mixed_precision import LossScaler
     jt, model, gflops = jittor_setup(args)
     import distributed
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)

@@ -42,7 +42,7 @@ from types import SimpleNamespace
 import numpy as np
 
 import benchmark
-from bench_metrics import cpu_model
+from backend.bench_metrics import cpu_model
 from benchmark import LORA, LR, MODELS, WEIGHT_DECAY, default_data
 from model_utils import EOS_ID
 
@@ -115,7 +115,7 @@ class Pair:
         return self.torch.tensor(np.asarray(a), dtype=self.torch.long).to(self.device)
 
     def ours_logits(self, ids, mask):
-        from jittor_env import jt
+        from backend.jittor_env import jt
         return self.ours(jt.array(ids), attention_mask=jt.array(mask)).numpy()
 
     def ref_logits(self, ids, mask, autocast=None, model=None):
@@ -160,7 +160,7 @@ def check_logits(args, ids, mask):
 
 def check_nan(args, ids, mask):
     import GPT2_jittor
-    from jittor_env import jt
+    from backend.jittor_env import jt
     out = {}
     for precision in ("fp32", "bf16", "fp16"):
         logits = Pair(args, precision).ours_logits(ids, mask)
@@ -205,7 +205,7 @@ def check_generate(args, ids, mask):
 
 def check_train(args, ids, mask):
     """(ids, mask unused: the training batches are real ones from --train.)"""
-    from jittor_env import jt
+    from backend.jittor_env import jt
     batches = benchmark.train_batches(SimpleNamespace(data=args.train, max_length=args.max_length, batch_size=4,
                                                       seed=0), STEPS)
     pair = Pair(args, trainable=True)
@@ -321,7 +321,7 @@ def release_memory():
     that ends this process when a child dies of a signal (meant for its data-loader workers):
     a speed run killed for its timeout would take the whole check down with it."""
     import torch
-    from jittor_env import jt
+    from backend.jittor_env import jt
     jt.sync_all(True)
     jt.gc()
     if torch.cuda.is_available():

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jittor_env import jt
+from backend.jittor_env import jt
 from jittor import nn
 from GPT2_jittor import GPT, Conv1D
 from LoRA import LoRAConfig, LoRALinear
 from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
-import runtime
+from backend import runtime
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_lora_dataset import SquadExample, encode_prompt, load_squad_json, read_squad
-from mixed_precision import DEVICES, PRECISIONS
+from backend.mixed_precision import DEVICES, PRECISIONS
 from model_utils import EOS_ID, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
-from train_config import MIN_PROMPT_TOKENS
+from training.train_config import MIN_PROMPT_TOKENS
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "squad_sample.json"  # the project's own questions
 DEMO_BASE = Path("checkpoints/demo/base_model")   # written by `python train_default_lora.py --demo`

@@ -45,22 +45,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jittor_env import jt
-import distributed
+from backend.jittor_env import jt
+from backend import distributed
 from GPT2_jittor import GPT
 from gpt2_config import parse_shape
-from init_weights import base_model_dir, save_random_gpt2
+from training.init_weights import base_model_dir, save_random_gpt2
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
-from mixed_precision import LossScaler
-import runtime
+from backend.mixed_precision import LossScaler
+from backend import runtime
 from gpt2_lora_dataset import Data, batches, collate, count_supervised, load_data, rank_share
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import answer_questions, score_run
-from train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check,
+from training.train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check,
                           learning_rate, parse_args, read_saved_config, total_steps)
-from train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
+from training.train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
                          latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
                          remove_leftovers, restore_checkpoint, save_checkpoint, stop_at, truncate_log, write_folder,
                          writing)

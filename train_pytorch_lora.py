@@ -57,12 +57,12 @@ except ImportError as e:
     torch, MISSING = None, e.name
 
 from gpt2_lora_dataset import batches, collate, count_supervised, load_data, rank_share
-from init_weights import base_model_dir, lora_A
+from training.init_weights import base_model_dir, lora_A
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import score_run
 from gpt2_config import parse_shape
-from train_config import (DEMO_OVERRIDES, TrainConfig, UsageError, adapter_steps, check, learning_rate, parse_args,
+from training.train_config import (DEMO_OVERRIDES, TrainConfig, UsageError, adapter_steps, check, learning_rate, parse_args,
                           total_steps)
 
 INSTALL = ("train_pytorch_lora.py is the PyTorch reference run and needs PyTorch, transformers and PEFT "

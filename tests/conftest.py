@@ -10,7 +10,7 @@ from helpers import make_hf_model, save_hf_model  # noqa: E402
 
 def pytest_terminal_summary(terminalreporter):
     """The CPU the suite ran on and the figures tests recorded with helpers.measured()."""
-    from bench_metrics import cpu_model
+    from backend.bench_metrics import cpu_model
     from helpers import MEASURED
     terminalreporter.section("measured")
     for line in [f"CPU: {cpu_model()}"] + MEASURED:
@@ -35,7 +35,7 @@ def hf_checkpoints(tmp_path_factory):
 def impl(request):
     """Runs a test on each implementation: the plain Jittor formulas of the model files and
     the fused CPU kernels (runtime.prepare). Returns a function that switches a model to it."""
-    import runtime
+    from backend import runtime
     fused = request.param == "fused"
     if fused and not runtime.fused_kernels_available():
         pytest.skip("the fused kernels need Jittor on the CPU with oneDNN")

@@ -22,6 +22,21 @@ def measured(line):
     MEASURED.append(line)
 
 
+def norm_err(values, exact):
+    """||values - exact|| / ||exact|| over every element (dicts of arrays: over all of them).
+    The yardstick for comparing two float32 computations with a float64 one: a norm moves by
+    rounding only as much as rounding moves the whole result, where one element can be moved
+    ~100x by float32 rounding that a nearly cancelling sum amplifies (seen with AdamW, which
+    divides each gradient by its own running size)."""
+    if isinstance(exact, dict):
+        pairs = [(np.asarray(values[k], np.float64), np.asarray(exact[k], np.float64)) for k in exact]
+    else:
+        pairs = [(np.asarray(values, np.float64), np.asarray(exact, np.float64))]
+    diff = sum(float(((a - b) ** 2).sum()) for a, b in pairs)
+    ref = sum(float((b ** 2).sum()) for _, b in pairs)
+    return (diff / max(ref, 1e-300)) ** 0.5
+
+
 # name -> transformers GPT2Config kwargs. "tiny" is deliberately not GPT-2's shape.
 CONFIGS = {
     # initializer_range 0.2 (GPT-2 uses 0.02): a random model with small weights repeats

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-import distributed  # noqa: E402
-from jittor_env import jt  # noqa: E402
+from backend import distributed  # noqa: E402
+from backend.jittor_env import jt  # noqa: E402
 
 
 def count_all_reduces():

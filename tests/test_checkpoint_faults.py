@@ -22,13 +22,13 @@ from safetensors.numpy import load_file, save_file
 
 import model_utils
 import train_default_lora
-import train_state
+from training import train_state
 from helpers import write_sample_split
 from lora_models import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from plot_loss import read_loss_file
-from train_config import TrainConfig
+from training.train_config import TrainConfig
 from train_default_lora import main, prepare, train
-from train_state import (CheckpointError, WriteError, file_digest, list_checkpoints, read_checkpoint,
+from training.train_state import (CheckpointError, WriteError, file_digest, list_checkpoints, read_checkpoint,
                          restore_checkpoint, truncate_log)
 
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
@@ -345,7 +345,7 @@ _models = {}
 def prepare_model(cfg):
     """A LoRAGPT of cfg's shape, built once (read_checkpoint checks shapes against it)."""
     if "m" not in _models:
-        from jittor_env import jt
+        from backend.jittor_env import jt
         from GPT2_jittor import GPT, GPTConfig
         from LoRA import LoRAConfig
         from lora_models import LoRAGPT

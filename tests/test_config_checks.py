@@ -12,7 +12,7 @@ import pytest
 from gpt2_lora_dataset import SquadExample, encode_example, encode_prompt
 from helpers import write_sample_split
 from model_utils import load_tokenizer
-from train_config import MIN_MAX_LENGTH, MIN_PROMPT_TOKENS, parse_args
+from training.train_config import MIN_MAX_LENGTH, MIN_PROMPT_TOKENS, parse_args
 from train_default_lora import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import pytest
 
 from helpers import write_sample_split
 from train_default_lora import main
-from train_state import STOP_POINTS, list_checkpoints
+from training.train_state import STOP_POINTS, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jittor_env import jt
+from backend.jittor_env import jt
 from gpt2_lora_dataset import SquadFormatError, encode_dataset, read_squad
 from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig

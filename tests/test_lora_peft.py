@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
 
 from helpers import batch_with_padding, make_hf_model, peft_wrap
-from jittor_env import jt
+from backend.jittor_env import jt
 from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT

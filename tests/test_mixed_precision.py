@@ -11,14 +11,13 @@ import pytest
 import torch
 
 import GPT2_jittor
-import mixed_precision
-import runtime
+from backend import mixed_precision, runtime
 from helpers import batch_with_padding, make_hf_model
-from jittor_env import jt
+from backend.jittor_env import jt
 from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
-from mixed_precision import HALF_DTYPES, LossScaler, resolve
+from backend.mixed_precision import HALF_DTYPES, LossScaler, resolve
 from model_utils import IGNORE_INDEX
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=100, initializer_range=0.2)

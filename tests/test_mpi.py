@@ -21,7 +21,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gpt2_lora_dataset import SHARED_SQUAD
-from train_config import TrainConfig, UsageError
+from training.train_config import TrainConfig, UsageError
 from train_default_lora import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,7 +265,7 @@ def test_an_error_on_one_rank_stops_the_job():
 def test_mpirun_without_jittor_mpi_says_how_to_enable_it():
     """Started by mpirun (its environment variable) where Jittor cannot build its MPI ops."""
     env = {**os.environ, "OMPI_COMM_WORLD_SIZE": "2", "use_mpi": "0"}
-    r = subprocess.run([sys.executable, "-c", "import jittor_env"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", "from backend import jittor_env"], cwd=ROOT, capture_output=True, text=True,
                        env=env, timeout=300)
     print("\n" + r.stderr.strip())
     assert r.returncode == 1 and "apt-get install openmpi-bin libopenmpi-dev" in r.stderr

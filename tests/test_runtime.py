@@ -6,9 +6,8 @@ test_cpu_kernels.py; here: what prepare() switches, and that it switches all of 
 """
 import pytest
 
-from jittor_env import jt  # noqa: F401 (Jittor set up before the modules below)
-import cpu_kernels
-import runtime
+from backend.jittor_env import jt  # noqa: F401 (Jittor set up before the modules below)
+from backend import cpu_kernels, runtime
 from GPT2_jittor import GPT, GPTConfig, CausalSelfAttention
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT

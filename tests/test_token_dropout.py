@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import hash32, keyed_attention_keep
-from jittor_env import jt
-import cpu_kernels
-import runtime
-import token_dropout
+from backend.jittor_env import jt
+from backend import cpu_kernels, runtime, token_dropout
 from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import train_default_lora
-from jittor_env import jt
-from mixed_precision import LossScaler
-from train_config import TrainConfig, UsageError
+from backend.jittor_env import jt
+from backend.mixed_precision import LossScaler
+from training.train_config import TrainConfig, UsageError
 from train_default_lora import train
 
 SAMPLE = str(Path(__file__).resolve().parents[1] / "data" / "squad_sample.json")

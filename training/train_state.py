@@ -62,7 +62,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from jittor_env import jt
+from backend.jittor_env import jt
 from lora_models import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from model_utils import atomic_save_safetensors, atomic_write, atomic_write_json, load_safetensors
 

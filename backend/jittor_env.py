@@ -1,4 +1,4 @@
-"""Import Jittor the way these scripts need it: `from jittor_env import jt`.
+"""Import Jittor the way these scripts need it: `from backend.jittor_env import jt`.
 
 Every script imports Jittor through this file, because two things must happen
 *before* `import jittor`:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from jittor_env import jt
+from backend.jittor_env import jt
 
 rank, world_size = jt.rank, jt.world_size
 is_main = rank == 0          # the rank that writes files and prints

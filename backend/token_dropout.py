@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from jittor_env import jt
+from backend.jittor_env import jt
 from jittor import nn
 
 # ----------------------------------------------------------------------------

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jittor_env import jt
-import token_dropout  # the token-keyed dropout masks the kernels draw
+from backend.jittor_env import jt
+from backend import token_dropout  # the token-keyed dropout masks the kernels draw
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 

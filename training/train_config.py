@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from mixed_precision import DEVICES, PRECISIONS
+from backend.mixed_precision import DEVICES, PRECISIONS
 
 # ----------------------------------------------------------------------------
 # Configuration: the seed's defaults (r=8, alpha=16, dropout 0.1, lr 5e-4, 3 epochs,

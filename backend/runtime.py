@@ -29,13 +29,11 @@ token_dropout.KeyedDropout: inside dropout_keys() both paths draw the same token
 
 import numpy as np
 
-import jittor_env
-from jittor_env import jt
+from backend import jittor_env
+from backend.jittor_env import jt
 from jittor import nn
-import cpu_kernels
-import mixed_precision
-import token_dropout
-from token_dropout import KeyedDropout
+from backend import cpu_kernels, mixed_precision, token_dropout
+from backend.token_dropout import KeyedDropout
 from GPT2_jittor import GPT, CausalSelfAttention, Conv1D, LayerNorm, NewGELU
 from LoRA import LoRALinear
 
