@@ -178,9 +178,9 @@ def generation_batches(args):
 
 def jittor_setup(args):
     from backend.jittor_env import jt
-    import cpu_kernels
+    from backend import cpu_kernels
     from lora_models import LoRAGPT
-    import runtime
+    from backend import runtime
     args.device, args.precision = runtime.resolve(args.device, args.precision)
     jt.set_global_seed(args.seed)
     base, adapter = ensure_prepared(args.model, args.seed)
@@ -206,7 +206,7 @@ def jittor_train(args, data):
     (fp16: with the loss scaler)."""
     from backend.mixed_precision import LossScaler
     jt, model, gflops = jittor_setup(args)
-    import distributed
+    from backend import distributed
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     scaler = LossScaler() if args.precision == "fp16" else None
     model.train()

@@ -93,7 +93,7 @@ class Pair:
 
     def __init__(self, args, precision="fp32", trainable=False):
         import torch
-        import runtime
+        from backend import runtime
         from lora_models import LoRAGPT
         self.torch, self.args, self.trainable, self._ref = torch, args, trainable, None
         self.device = args.device

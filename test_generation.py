@@ -46,7 +46,7 @@ def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="aut
     FileNotFoundError / ValueError / RuntimeError whose message names the file.
     """
     # Jittor is imported here, not at the top, so that --help and the data checks stay fast.
-    import runtime
+    from backend import runtime
     from GPT2_jittor import GPT
     from lora_models import LoRAGPT
     model_dir = ensure_gpt2(model_dir)
@@ -256,7 +256,7 @@ if __name__ == "__main__":
         parser.error(f"--top-p must be in (0, 1], not {args.top_p}")
     if args.seed is not None and not 0 <= args.seed < 2 ** 31:
         parser.error(f"--seed must be in [0, 2^31), not {args.seed}")
-    import runtime  # imports Jittor: after the checks that need none
+    from backend import runtime  # imports Jittor: after the checks that need none
     try:  # tf32 needs CUDA, --device cuda a usable GPU: usage errors (exit 2), before any file is read
         runtime.resolve(args.device, args.precision)
     except (ValueError, RuntimeError) as e:

@@ -114,7 +114,7 @@ def train_and_die(argv):
 
 def train_and_stop(argv):
     import train_default_lora as T
-    import train_state
+    from training import train_state
     stop_at, step, enter = int(os.environ["STOP_AT_STEP"]), T.optimizer_step, train_state.RunLock.__enter__
     print(f"rank {distributed.rank}: pid {os.getpid()}", flush=True)
 

@@ -361,7 +361,7 @@ def test_greedy_head_picks_the_full_heads_argmax_even_among_near_ties():
 
 
 def test_generate_rebuilds_the_greedy_head_when_the_embedding_changes():
-    import runtime
+    from backend import runtime
     from GPT2_jittor import GPT, GPTConfig
     jt.set_global_seed(9)
     # initializer_range 0.2: with GPT-2's 0.02 a 1-layer random model repeats its last input
