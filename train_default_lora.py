@@ -169,9 +169,9 @@ def run_size(cfg, data, total, per_epoch, model):
     tokens = sum(len(f.input_ids) for f in data.train_features) * total / per_epoch
     epochs = f"{total / per_epoch:.3g} epochs (--max-steps {cfg.max_steps})" if total < per_epoch * cfg.epochs \
         else f"{cfg.epochs} epoch(s)"
-    return (f"this run: {n:,d} training examples x {epochs} = {total:,d} optimizer steps, ~{tokens / 1e6:.3g}M "
+    return (f"this run: {n:,d} training examples x {epochs} = {total:,d} optimizer steps, ~{tokens:,.0f} "
             f"tokens; {evals:,d} held-out evaluations ({len(data.eval_batches)} batches each, every "
-            f"{cfg.eval_interval} steps); {ckpts:,d} checkpoints (every {cfg.save_interval} steps, "
+            f"{cfg.eval_interval} steps); {ckpts:,d} checkpoint(s) (every {cfg.save_interval} steps, "
             f"{kept} kept, ~{ckpt_mb:.3g} MB each, ~{kept * ckpt_mb:.3g} MB on disk)")
 
 

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import hub_model_files, make_hf_model, measured, norm_err, save_hf_model, write_hub_cache
+from helpers import hub_model_files, make_hf_model, measured, norm_err, save_hf_model, write_hub_cache, write_sample_split
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two names, two sizes (tiny, so that the test is fast; the names are what a user types).
-HUB_MODELS = {"gpt2": dict(seed=1), "openai-community/gpt2-medium": dict(seed=2, n_layer=2)}  # C=64: no new kernels to compile
+HUB_MODELS = {"gpt2": dict(seed=1), "gpt2-medium": dict(seed=2, n_layer=2),  # C=64: no new kernels to compile
+              "openai-community/gpt2-large": dict(seed=3, n_layer=1)}
 OTHER_COMMIT = "1" * 40
 
 
@@ -63,7 +64,7 @@ def test_hub_ids_load_from_the_cache_and_equal_transformers(hub, tmp_path):
             f"ids = np.load({str(tmp_path / 'ids.npy')!r})\nout = {{}}\n"
             f"for name in {list(HUB_MODELS)!r}:\n"
             "    m = GPT.from_pretrained(name).eval()\n"
-            "    out[name.replace('/', '_')] = m(jt.array(ids.astype(np.int32)))[0].numpy()\n"
+            "    out[name.replace('/', '_')] = m(jt.array(ids.astype(np.int32))).numpy()\n"
             "    print(name, m.config.n_layer, m.config.n_embd)\n"
             f"np.savez({str(tmp_path / 'logits.npz')!r}, **out)\n")
     r = run_python(code, offline_env(hf_home))
@@ -108,3 +109,71 @@ def test_local_folder_wins_and_missing_paths_are_not_hub_ids(tmp_path):
     assert resolve_model(tmp_path / "gpt2") == tmp_path / "gpt2"
     assert [is_hub_id(n) for n in ("gpt2-medium", "openai-community/gpt2-large", "./x", "/a/b", "a/b/c")] == \
         [True, True, False, False, False]
+
+
+def tensorboard_scalars(folder):
+    """{tag: [(step, value)]} as TensorBoard itself reads the event files (purges included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_seed_commands_with_a_hub_model(hub, tmp_path):
+    """On a clean folder: train with --model gpt2-medium from the cache (the size line, the time
+    to finish, TensorBoard), then the seed's bare `python test_generation.py` answers with that
+    run, and --interactive streams answers to piped questions equal to the library's."""
+    hf_home, models = hub
+    train_file, eval_file = write_sample_split(tmp_path)
+    env = offline_env(hf_home)
+    r = subprocess.run([sys.executable, str(ROOT / "train_default_lora.py"), "--model", "gpt2-medium",
+                        "--train-file", train_file, "--eval-file", eval_file, "--output-dir", "checkpoints/med",
+                        "--max-steps", "6", "--eval-steps", "3", "--eval-examples", "4", "--gen-eval-examples", "2",
+                        "--max-length", "128", "--max-new-tokens", "6", "--lora_r", "4", "--learning-rate", "3e-3",
+                        "--report-to", "tensorboard"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "checkpoints" / "med"
+    size = next(line for line in r.stderr.splitlines() if line.startswith("this run: "))
+    eta = next(line for line in r.stderr.splitlines() if "s per step over steps 2-5" in line)
+    print(f"\n{size}\n{eta}")
+    n_train = int(size.split()[2].replace(",", ""))
+    # evaluations at steps 0, 3, 6; one checkpoint, at the end (--save-steps 100)
+    assert "= 6 optimizer steps" in size and "3 held-out evaluations" in size and "1 checkpoint(s)" in size
+    assert n_train > 6 and "the 1 steps left take about" in eta
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "gpt2-medium" and adapter_cfg["r"] == 4
+
+    # TensorBoard's own reader: one point per step, the values of metrics.jsonl / val_loss.txt
+    scalars = tensorboard_scalars(out / "runs")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 7))
+    assert np.allclose([v for _, v in scalars["train/loss"]], [m["loss"] for m in metrics], rtol=1e-5)
+    assert [s for s, _ in scalars["eval/loss"]] == [0, 3, 6]
+    assert {"train/learning_rate", "train/tokens_per_s", "eval/exact_match", "eval/f1"} <= set(scalars)
+
+    # the seed's bare command: the newest finished run, said so
+    r = subprocess.run([sys.executable, str(ROOT / "test_generation.py"), "--max-new-tokens", "4"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "answering with the newest finished run under checkpoints/: checkpoints/med/adapter on gpt2-medium" \
+        in r.stderr
+    assert r.stdout.count("question: ") == 4
+
+    # --interactive with piped input: two questions, a new context, one more, then end of input
+    from gpt2_lora_dataset import read_squad
+    from test_generation import answer_questions, load_model
+    exs = read_squad(train_file)[0]
+    asked = [(exs[0].context, exs[0].question), (exs[0].context, exs[1].question), (exs[5].context, exs[5].question)]
+    stdin = f"{asked[0][0]}\n\n{asked[0][1]}\n{asked[1][1]}\n\n{asked[2][0]}\n\n{asked[2][1]}\n"
+    r = subprocess.run([sys.executable, str(ROOT / "test_generation.py"), "--interactive", "--max-new-tokens", "6",
+                        "--max-length", "128"], cwd=tmp_path, env=env, input=stdin, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    streamed = [part.split("\n")[0] for part in r.stdout.split("question (empty: new context)> ")[1:]]
+    model, tok = load_model(str(hf_home / "hub" / "models--gpt2-medium" / "snapshots" / ("0" * 40)), out / "adapter")
+    qs = [type("Q", (), dict(id=str(i), context=c, question=q)) for i, (c, q) in enumerate(asked)]
+    ref = answer_questions(model, tok, qs, max_new_tokens=6, max_length=128, progress=False)
+    print(f"interactive answers {streamed[:3]}; answer_questions {list(ref.values())}")
+    assert streamed[:3] == list(ref.values()) and r.stdout.count("Paste a context") == 3

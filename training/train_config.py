@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -232,6 +233,13 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         return action.help  # defaults are written into the help text by parse_args
+
+    def _split_lines(self, text, width):  # never break a flag such as --max-grad-norm at a hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
 
 
 def build_parser(description, extra=()):
