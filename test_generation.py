@@ -358,11 +358,13 @@ if __name__ == "__main__":
             fail(e)
         if found is not None:
             model_dir, revision, adapter_dir, random_demo = found
-            print(f"answering with the newest finished run under {RUNS}/: {adapter_dir} on {model_dir} "
-                  f"(--adapter none: the base model alone)", file=sys.stderr)
+            chosen = (f"answering with the newest finished run under {RUNS}/: {adapter_dir} on {model_dir} "
+                      f"(--adapter none: the base model alone)")
         else:
-            print(f"no finished run under {RUNS}/ (train one: `make demo`, or train_default_lora.py): answering "
-                  f"with the untuned base model gpt2", file=sys.stderr)
+            chosen = (f"no finished run under {RUNS}/ (train one: `make demo`, or train_default_lora.py): answering "
+                      f"with the untuned base model gpt2")
+    else:
+        chosen = None
     if adapter_dir is not None and str(adapter_dir).lower() == "none":
         adapter_dir = None
     model_dir = "gpt2" if model_dir is None else model_dir
@@ -386,6 +388,8 @@ if __name__ == "__main__":
     except (OSError, ValueError, RuntimeError) as e:
         fail(f"no model found: run `make demo` (writes checkpoints/demo) or pass --model; {e}"
              if args.model is None and adapter_dir is None and model_dir == "gpt2" else e)
+    if chosen:  # said once the model is there (an error stays one line)
+        print(chosen, file=sys.stderr)
     print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
           f"; {runtime.describe(model)}", file=sys.stderr)
     gen["max_length"] = min(args.max_length, model.config.n_positions)  # what answer_questions uses; recorded

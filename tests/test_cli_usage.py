@@ -83,3 +83,44 @@ def test_config_file_under_the_command_line(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"lora_rank": 4}))
     with pytest.raises(ValueError, match=r"bad.json: unknown settings \['lora_rank'\]"):
         parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_compile_notice_before_a_cold_jittor_cache(tmp_path):
+    """backend.jittor_env says, before Jittor's first import compiles its core, that it does so
+    (Jittor's own log is silenced). Cold: no jittor_core*.so for this installation in Jittor's
+    cache layout; a stand-in `jittor` module keeps the test from compiling for minutes."""
+    import hashlib
+    import importlib.util
+    from importlib import metadata
+    code = ("import sys, types\nsys.modules['jittor'] = types.ModuleType('jittor')\n"
+            "import backend.jittor_env\n")
+    env = {**__import__("os").environ, "JITTOR_HOME": str(tmp_path), "use_mkl": "0"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    print(f"\ncold cache: {r.stderr.strip()}")
+    assert f"Jittor compiles its core for this machine" in r.stderr and str(tmp_path / ".cache" / "jittor") in r.stderr
+    # the same with the core in place, where Jittor puts it: silent
+    key = hashlib.md5(importlib.util.find_spec("jittor_utils").origin.encode()).hexdigest()[:4]
+    version = metadata.version("jittor").rsplit(".", 1)[0]
+    core = tmp_path / ".cache" / "jittor" / f"jt{version}" / "g++" / "py" / "os" / "cpu" / key / "main"
+    core.mkdir(parents=True)
+    (core / "jittor_core.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "compiles" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("script, args", [("train_default_lora.py", ["--random-base", "n_layer=1,n_head=2,n_embd=8",
+                                                                      "--train-file", "MISSING.json"]),
+                                          ("test_generation.py", ["--model", "MISSING_DIR/x/y", "--context", "c",
+                                                                  "--question", "q"])])
+def test_debug_shows_the_traceback(script, args, tmp_path):
+    args = [a.replace("MISSING", str(tmp_path / "missing")) for a in args]
+    if script == "train_default_lora.py":
+        args += ["--output-dir", str(tmp_path / "out")]
+    plain = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    debug = subprocess.run([sys.executable, script, *args, "--debug"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    print(f"\n{script}: {plain.stderr.strip().splitlines()[-1]}")
+    assert plain.returncode == debug.returncode == 1
+    assert "Traceback" not in plain.stderr and "Traceback (most recent call last)" in debug.stderr
+    assert plain.stderr.strip().splitlines()[-1].split(": ", 1)[1] in debug.stderr

@@ -161,6 +161,14 @@ def test_seed_commands_with_a_hub_model(hub, tmp_path):
         in r.stderr
     assert r.stdout.count("question: ") == 4
 
+    # no finished run: the untuned base gpt2, from the cache, said so
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "test_generation.py"), "--max-new-tokens", "4"],
+                       cwd=tmp_path / "empty", env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no finished run under checkpoints/" in r.stderr and "untuned base model gpt2" in r.stderr
+    assert r.stdout.count("question: ") == 4
+
     # --interactive with piped input: two questions, a new context, one more, then end of input
     from gpt2_lora_dataset import read_squad
     from test_generation import answer_questions, load_model
@@ -171,7 +179,9 @@ def test_seed_commands_with_a_hub_model(hub, tmp_path):
                         "--max-length", "128"], cwd=tmp_path, env=env, input=stdin, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    streamed = [part.split("\n")[0] for part in r.stdout.split("question (empty: new context)> ")[1:]]
+    # what follows each question prompt up to the newline; an empty question (a new context) prints none
+    streamed = [part.split("\n")[0] for part in r.stdout.split("question (empty: new context)> ")[1:]
+                if not part.startswith("Paste a context")]
     model, tok = load_model(str(hf_home / "hub" / "models--gpt2-medium" / "snapshots" / ("0" * 40)), out / "adapter")
     qs = [type("Q", (), dict(id=str(i), context=c, question=q)) for i, (c, q) in enumerate(asked)]
     ref = answer_questions(model, tok, qs, max_new_tokens=6, max_length=128, progress=False)
