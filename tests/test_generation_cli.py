@@ -196,3 +196,32 @@ def test_cli_data_errors_exit_1_naming_the_file(tiny, tmp_path, case):
     print(f"\n{case}: exit {r.returncode}: {r.stderr.strip()}")
     assert r.returncode == 1 and needle in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_interactive_streams_the_answer_token_by_token(loaded, examples):
+    """interactive(): the answer comes in pieces as tokens are generated, and adds up to the
+    library's answer; an empty question asks for a new context, end of input leaves."""
+    import io
+    from test_generation import interactive
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.parts = []
+
+        def write(self, text):
+            self.parts.append(text)
+            return super().write(text)
+
+    model, tokenizer = loaded
+    ex = examples[0]
+    gen = dict(max_new_tokens=6, max_length=128, temperature=0.0, top_k=None, top_p=None, seed=None)
+    out = Writes()
+    interactive(model, tokenizer, gen, lines=io.StringIO(f"{ex.context}\n\n{ex.question}\n\n"), out=out)
+    expected = answer_questions(model, tokenizer, [ex], **GEN)[ex.id]
+    prompt = "question (empty: new context)> "
+    i = out.parts.index(prompt)
+    pieces = [p for p in out.parts[i + 1:out.parts.index(prompt, i + 1)] if p.strip()]
+    print(f"\nstreamed in {len(pieces)} pieces: {pieces}; library: {expected!r}")
+    assert "".join(pieces).strip() == expected and len(pieces) > 1
+    assert out.getvalue().count("Paste a context") == 2  # asked again after the empty question; then end of input

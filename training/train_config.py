@@ -224,7 +224,7 @@ class HelpFormatter(argparse.HelpFormatter):
     """--help lists one spelling per option (the documented one) and its choices; the other
     spellings are listed once at the end (the epilog)."""
     def _format_action_invocation(self, action):
-        if not action.option_strings:
+        if not action.option_strings or action.dest == "help":
             return super()._format_action_invocation(action)
         flag = action.option_strings[0]
         if action.nargs == 0:
