@@ -242,8 +242,8 @@ class HelpFormatter(argparse.HelpFormatter):
                              break_on_hyphens=False)
 
 
-def build_parser(description, extra=()):
-    """The grouped parser of TrainConfig; `extra` = (group, flags, kwargs) for a script's own options."""
+def build_parser(description):
+    """The grouped parser of TrainConfig's fields, plus --resume, --config and --debug."""
     by_name = {f.name: f for f in fields(TrainConfig)}
     assert sorted(n for g in CLI_GROUPS.values() for n in g) == sorted(by_name), "every field in one group"
     aliases = []
@@ -269,24 +269,20 @@ def build_parser(description, extra=()):
                      "(a run's own config.json works); options given on the command line override it")
     run.add_argument("--debug", action="store_true", help="show the full traceback of an error "
                      "(or set GPT2_LORA_DEBUG=1)")
-    for title, flags, kwargs in extra:
-        groups[title].add_argument(*flags, **kwargs)
     p.epilog = ("Other spellings accepted (the seed's names and the HF / PEFT ones), each also with "
                 "underscores (--lora_r, --learning_rate): " + "; ".join(aliases) + ".")
     return p
 
 
-def parse_args(argv=None, description="Fine-tune GPT-2 with LoRA on SQuAD v1.1 (loss on the answer tokens only).",
-               extra=()):
+def parse_args(argv=None, description="Fine-tune GPT-2 with LoRA on SQuAD v1.1 (loss on the answer tokens only)."):
     """(TrainConfig, resume) from the command line.
 
     Options given win over --config FILE, which wins over the run's saved config.json (with
     --resume), which wins over --demo's settings, which win over the defaults. Every
     option's argparse default is None, so "not given" is None and nothing else: a 0, 0.0,
-    "" or False given is kept. `extra`: see build_parser (their values are left out of the
-    TrainConfig; parse_known_extra reads them).
+    "" or False given is kept. --debug is read by the scripts' main().
     """
-    args = build_parser(description, extra).parse_args(argv)
+    args = build_parser(description).parse_args(argv)
     own = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if v is not None and k in own}
     from_file = read_saved_config(Path(args.config)) if args.config else {}
