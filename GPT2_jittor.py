@@ -32,7 +32,7 @@ from backend.jittor_env import jt
 from jittor import nn
 from backend import cpu_kernels
 from gpt2_config import ACTIVATION_FUNCTIONS, GPTConfig  # GPTConfig: also imported from here
-from model_utils import (HF_IGNORED_SUFFIXES, IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, check_sizes,
+from model_utils import (HF_IGNORED_SUFFIXES, is_hub_id, resolve_model, IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, check_sizes,
                          pick_next_token, read_hf_weights, strip_transformer_prefix)
 
 
@@ -347,14 +347,16 @@ class GPT(nn.Module):
     # --- generation ------------------------------------------------------------
 
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                 eos_token_id=None, attention_mask=None, seed=None):
+                 eos_token_id=None, attention_mask=None, seed=None, on_token=None):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens.
 
         Greedy when temperature == 0, otherwise sampling (optionally top-k / nucleus top-p).
         Prompts of different lengths are LEFT-padded with attention_mask marking real
         tokens. Keys and values are cached, so each new token costs one position. A row
         that produced eos_token_id is finished and padded with eos_token_id from then on;
-        generation stops when every row is finished. Returns (B, T + n_new) as numpy.
+        generation stops when every row is finished. on_token(next ids (B,)) is called after
+        each new token, for streaming (like transformers' streamer); returning True stops.
+        Returns (B, T + n_new) as numpy.
         """
         idx = jt.array(idx) if not isinstance(idx, jt.Var) else idx
         B, T = idx.shape
@@ -380,7 +382,7 @@ class GPT(nn.Module):
                     nxt = np.where(done, eos_token_id, nxt)
                     done |= nxt == eos_token_id
                 out.append(nxt[:, None])
-                if done.all():
+                if done.all() or (on_token is not None and on_token(nxt)):
                     break
                 step_in = jt.array(nxt[:, None].astype(np.int32))
                 if mask is not None:
@@ -421,14 +423,17 @@ class GPT(nn.Module):
     # --- checkpoints -----------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path):
-        """Load a Hugging Face GPT-2 folder: config.json + model.safetensors (or pytorch_model.bin).
+    def from_pretrained(cls, path, revision=None, **overrides):
+        """Load a Hugging Face GPT-2: a folder with config.json + model.safetensors (or
+        pytorch_model.bin), or a hub id such as "gpt2-medium" (model_utils.resolve_model:
+        huggingface_hub's cache, at `revision`). `overrides` replace config.json values, as in
+        transformers (e.g. resid_pdrop=0.0), and are checked like them.
 
         Accepts GPT2Model keys (h.0...) and GPT2LMHeadModel keys (transformer.h.0...). The
         key set and every shape are checked; anything missing, unexpected or mis-shaped
         raises an error that names it.
         """
-        path = Path(path)
+        path = resolve_model(path, revision) if is_hub_id(path) else Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such model folder (expected config.json + model.safetensors)")
         config_file = path / "config.json"
@@ -438,6 +443,8 @@ class GPT(nn.Module):
             raw = json.loads(config_file.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
             raise ValueError(f"{config_file}: not valid JSON ({type(e).__name__}: {e})") from None
+        if isinstance(raw, dict):
+            raw.update(overrides)
         config = GPTConfig.from_hf_config(raw, source=config_file)
         state, source = read_hf_weights(path)
         state = strip_transformer_prefix(state)

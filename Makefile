@@ -48,12 +48,13 @@ system-deps:
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.runtime-installed: requirements.txt | $(VENV)/bin/python
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+# the ranges of requirements*.txt, at the exact versions the suite passes with (constraints.txt)
+$(VENV)/.runtime-installed: requirements.txt constraints.txt | $(VENV)/bin/python
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	touch $@
 
-$(VENV)/.test-installed: requirements.txt requirements-test.txt | $(VENV)/bin/python
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements-test.txt
+$(VENV)/.test-installed: requirements.txt requirements-test.txt constraints.txt | $(VENV)/bin/python
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-test.txt -c constraints.txt
 	touch $@ $(VENV)/.runtime-installed
 
 clean:

@@ -225,10 +225,11 @@ class LoRAGPT(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, base, adapter_dir, dropout=None):
-        """Base GPT-2 (a folder or a GPT) + an adapter folder saved by PEFT or by us."""
+    def from_pretrained(cls, base, adapter_dir, dropout=None, revision=None):
+        """Base GPT-2 (a folder, a hub id such as "gpt2-medium" at `revision`, or a GPT) + an
+        adapter folder saved by PEFT or by us."""
         config = read_adapter_config(Path(adapter_dir))  # the cheap checks first
-        base_model = base if isinstance(base, GPT) else GPT.from_pretrained(base)
+        base_model = base if isinstance(base, GPT) else GPT.from_pretrained(base, revision)
         # Every adapter's rank in the config must be the rank of its tensors before anything is
         # built, so no config can make the model larger than the weight file (load_lora_weights
         # then checks every key and shape).

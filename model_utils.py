@@ -1,5 +1,5 @@
 """Small helpers shared by the scripts: atomic file writes, the GPT-2 tokenizer,
-the GPT-2 download and weight files (read and checked against config.json), the next-token
+GPT-2 by name (a folder or a hub id, through huggingface_hub) and its weight files (read and checked against config.json), the next-token
 rule of generation (greedy or sampling), and the official SQuAD v1.1 metric.
 
 No Jittor here, so the metric and the tokenizer load fast and test alone.
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-GPT2_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256        # GPT-2's id of EOS_TOKEN; also the padding id
 IGNORE_INDEX = -100   # target value the loss skips (PyTorch / Hugging Face convention)
@@ -119,45 +118,102 @@ def load_tokenizer(model_dir=None):
     return GPT2TokenizerFast.from_pretrained(str(folder))
 
 
-def download_gpt2(dest="gpt2", repo_id="gpt2"):
-    """Fetch the `gpt2` checkpoint (config, safetensors weights, vocab, merges) into `dest`.
+# The files of a GPT-2 repo on the hub that a run reads: the weights (safetensors first,
+# as transformers prefers them; the .bin only when a repo has no safetensors) and the
+# tokenizer, which may be absent (then the packaged GPT-2 BPE files serve, see load_tokenizer).
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HUB_TOKENIZER = ("vocab.json", "merges.txt", "tokenizer.json")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
-    Needs internet access to the Hugging Face hub, not PyTorch. Offline it raises a
-    RuntimeError that says what to do instead.
+
+def resolve_model(name_or_path="gpt2", revision=None):
+    """A local GPT-2 folder (config.json + weights) for `name_or_path`, resolved as transformers does.
+
+    1. A folder that holds config.json is used as it is (the seed's ./gpt2 included).
+    2. Otherwise a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2,
+       openai-community/gpt2-large, any GPT-2 repo) at `revision` (default: main) is fetched by
+       huggingface_hub into its own cache and the snapshot folder returned. huggingface_hub reads
+       HF_HOME / HF_HUB_CACHE (where), HF_ENDPOINT (a mirror), HF_HUB_OFFLINE=1 (cache only) and
+       HF_TOKEN (private repos) itself. config.json comes first, so a repo of another model_type
+       is refused before any weights are downloaded.
+    Anything else is a FileNotFoundError that says what was looked for.
     """
-    dest = Path(dest)
-    try:
-        from huggingface_hub import hf_hub_download
-        for name in GPT2_FILES:
-            if not (dest / name).is_file():
-                print(f"downloading {repo_id}/{name} -> {dest / name}", file=sys.stderr)
-                hf_hub_download(repo_id=repo_id, filename=name, local_dir=str(dest))
-    except Exception as e:
-        raise RuntimeError(
-            f"could not download GPT-2 '{repo_id}' into {dest}/ ({type(e).__name__}: {e}).\n"
-            f"No internet access? Copy a GPT-2 checkpoint folder there by hand "
-            f"({', '.join(GPT2_FILES)}), point --model at one, or run the offline demo "
-            f"(`make demo`, or train_default_lora.py --demo), which needs no download.") from None
-    return dest
-
-
-def ensure_gpt2(path="gpt2"):
-    """Path of a GPT-2 folder (one with config.json), downloaded first if it is the default `gpt2`.
-
-    Only a folder named `gpt2` is downloaded: any other path is the user's own checkpoint,
-    and fetching GPT-2 in its place would silently run the wrong model. A `gpt2` folder
-    without config.json counts as missing: a failed download leaves one behind.
-    """
-    path = Path(path)
+    path = Path(name_or_path)
     if (path / "config.json").is_file():
         return path
-    if path.name == "gpt2" and (path.is_dir() or not path.exists()):
-        return download_gpt2(path)
-    what = "has no config.json" if path.is_dir() else "is not a folder" if path.exists() else "no such folder"
-    raise FileNotFoundError(
-        f"{path}: {what}; expected a GPT-2 checkpoint folder (config.json + model.safetensors). "
-        f"No GPT-2 weights here? `make demo` (train_default_lora.py --demo) runs the pipeline on a "
-        f"random-initialised model instead.")
+    if path.is_dir() and not HUB_ID.fullmatch(str(name_or_path)) or path.exists() and not path.is_dir():
+        what = "has no config.json" if path.is_dir() else "is not a folder"
+        raise FileNotFoundError(f"{path}: {what}; expected a GPT-2 checkpoint folder (config.json + model.safetensors)")
+    if not HUB_ID.fullmatch(str(name_or_path)):
+        raise FileNotFoundError(
+            f"{path}: no such folder; expected a GPT-2 checkpoint folder (config.json + model.safetensors) or a "
+            f"Hugging Face hub id such as gpt2-medium. No GPT-2 weights here? `make demo` "
+            f"(train_default_lora.py --demo) runs the pipeline on a random-initialised model instead.")
+    return download_from_hub(str(name_or_path), revision)
+
+
+ensure_gpt2 = resolve_model  # the name the seed's scripts and tests use
+
+
+def is_hub_id(name_or_path):
+    """True for a name that is not a path here and reads as a hub id (gpt2-medium, org/name)."""
+    return not Path(name_or_path).exists() and HUB_ID.fullmatch(str(name_or_path)) is not None
+
+
+def download_from_hub(repo_id, revision=None):
+    """The snapshot folder of hub repo `repo_id` in huggingface_hub's cache, holding config.json,
+    the weights and whatever tokenizer files the repo has (see resolve_model)."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def fetch(filename):  # a missing file is None; no connection and not cached raises
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except LocalEntryNotFoundError:
+            if filename == "config.json":
+                raise
+            return None  # offline: not cached (the repo may not have it)
+        except EntryNotFoundError:
+            return None
+
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    try:
+        config_file = fetch("config.json")
+        if config_file is None:
+            raise FileNotFoundError(f"{where}: the hub repo has no config.json; not a transformers model")
+        check_model_type(config_file, where)
+        weights = next((w for w in map(fetch, HUB_WEIGHTS) if w is not None), None)
+        if weights is None:
+            raise FileNotFoundError(f"{where}: neither {' nor '.join(HUB_WEIGHTS)} found (in the hub repo, or in the "
+                                    f"cache {constants.HF_HUB_CACHE} when offline)")
+        for name in HUB_TOKENIZER:
+            fetch(name)
+    except LocalEntryNotFoundError:  # (a FileNotFoundError, so before ours)
+        offline = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+        raise FileNotFoundError(
+            f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {offline}. Download it once "
+            f"where the hub (or a mirror: HF_ENDPOINT) answers, e.g. `hf download {repo_id}`, point HF_HOME at a "
+            f"cache that holds it, or pass --model DIR (a GPT-2 folder). No GPT-2 weights at all? `make demo` "
+            f"(train_default_lora.py --demo) runs on a random-initialised model.") from None
+    except (FileNotFoundError, ValueError) as e:  # ours above, which name the repo; or an invalid repo id
+        if str(e).startswith(where):
+            raise
+        raise ValueError(f"{where}: {e}") from None
+    except Exception as e:  # a repo that does not exist, a private one without HF_TOKEN, a network error
+        raise RuntimeError(f"{where}: could not be fetched from the Hugging Face hub ({constants.ENDPOINT}): "
+                           f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    return config_file.parent
+
+
+def check_model_type(config_file, where):
+    """ValueError unless config.json describes a GPT-2 (model_type gpt2), as this code runs only GPT-2."""
+    try:
+        model_type = json.loads(Path(config_file).read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: config.json is not a JSON object of settings ({e})") from None
+    if model_type != "gpt2":
+        raise ValueError(f"{where}: model_type is {model_type!r:.80}, not 'gpt2'; this project fine-tunes GPT-2 "
+                         f"models only (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 or another GPT-2 repo)")
 
 
 def read_hf_weights(path):

@@ -1,15 +1,20 @@
 """Answer SQuAD v1.1 questions with GPT-2 (+ a LoRA adapter) in Jittor, and score them.
 
-    python test_generation.py                                   # a few questions of data/squad_sample.json
+    python test_generation.py                                   # the newest run under checkpoints/, a few questions
+    python test_generation.py --interactive                     # paste a context, ask questions, watch the answers
+    python test_generation.py --model gpt2-medium --adapter none --context "..." --question "..."
     python test_generation.py --adapter checkpoints/demo/adapter \\
         --context "The Velka River rises in the Orn hills." --question "Where does the Velka rise?"
     python test_generation.py --adapter ADAPTER_DIR --data ../shared/data/squad/dev-v1.1.json --limit 200
     python test_generation.py --model MERGED_DIR --data ../shared/data/squad/dev-v1.1.json --output dev_predictions.json
     python model_utils.py evaluate ../shared/data/squad/dev-v1.1.json predictions.json   # re-score a file
 
---model is a GPT-2 folder (config.json + model.safetensors; default ./gpt2, downloaded
-if missing and online), or a merged export (LoRAGPT.export_merged). --adapter is a LoRA
-adapter folder in PEFT's format, saved by us or by PEFT.
+With neither --model nor --adapter, the newest finished run under checkpoints/ answers
+(its adapter/ and the base model its config.json names; it says which), else the untuned
+base model gpt2. --model is a GPT-2 folder (config.json + model.safetensors), a hub id
+(gpt2-medium, openai-community/gpt2-large, ...: model_utils.resolve_model) or a merged export
+(LoRAGPT.export_merged). --adapter is a LoRA adapter folder in PEFT's format, saved by us or
+by PEFT; `--adapter none`: the base model alone.
 
 The prompt is the training prompt, "Context: ...\\nQuestion: ...\\nAnswer:"
 (gpt2_lora_dataset.encode_prompt, which cuts a long context to fit --max-length); the
@@ -20,25 +25,26 @@ SQuAD v1.1 metric (model_utils.evaluate_squad).
 import argparse
 import json
 import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from gpt2_lora_dataset import SquadExample, encode_prompt, load_squad_json, read_squad
 from backend.mixed_precision import DEVICES, PRECISIONS
-from model_utils import EOS_ID, atomic_write_json, ensure_gpt2, evaluate_squad, load_tokenizer
+from model_utils import EOS_ID, atomic_write_json, evaluate_squad, load_tokenizer, resolve_model
 from training.train_config import MIN_PROMPT_TOKENS
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "squad_sample.json"  # the project's own questions
-DEMO_BASE = Path("checkpoints/demo/base_model")   # written by `python train_default_lora.py --demo`
-DEMO_ADAPTER = Path("checkpoints/demo/adapter")
+RUNS = Path("checkpoints")  # where training runs write (train_config.TrainConfig.output_dir)
 
 
 # ----------------------------------------------------------------------------
 # Loading
 
-def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto"):
+def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto", revision=None):
     """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given,
     on `device` in `precision` (runtime.prepare).
 
@@ -49,7 +55,7 @@ def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="aut
     from backend import runtime
     from GPT2_jittor import GPT
     from lora_models import LoRAGPT
-    model_dir = ensure_gpt2(model_dir)
+    model_dir = resolve_model(model_dir, revision)
     model = GPT.from_pretrained(model_dir)
     if adapter_dir is not None:
         model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0)
@@ -186,61 +192,138 @@ def demo_examples(path=SAMPLE_DATA, n=4):
     return picked[:n]
 
 
-def default_model():
-    """(model dir, adapter dir, is the demo's random model) when no --model is given, or None."""
-    if (Path("gpt2") / "config.json").is_file():  # not just the folder: a failed download leaves it empty
-        return Path("gpt2"), None, False
-    if (DEMO_BASE / "config.json").is_file() and DEMO_ADAPTER.is_dir():
-        return DEMO_BASE, DEMO_ADAPTER, True
-    return None
+def newest_run(root=RUNS):
+    """(base model, revision, adapter folder, is a random-initialised base) of the newest
+    finished run under `root` (the one whose final adapter/ was written last), or None.
+
+    The base is the run's own base_model/ (--random-base, --demo), else the --model (and
+    --revision) its config.json names."""
+    adapters = [a for a in Path(root).glob("*/adapter") if (a / "adapter_model.safetensors").is_file()]
+    if not adapters:
+        return None
+    adapter = max(adapters, key=lambda a: (a / "adapter_model.safetensors").stat().st_mtime)
+    if (adapter.parent / "base_model" / "config.json").is_file():
+        return adapter.parent / "base_model", None, adapter, True
+    try:
+        cfg = json.loads((adapter.parent / "config.json").read_text(encoding="utf-8"))
+        return cfg.get("model", "gpt2"), cfg.get("revision"), adapter, False
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{adapter.parent / 'config.json'}: cannot tell the run's base model ({e})") from None
 
 
-def fail(message):
-    """One line on stderr and exit status 1 (a data error: a missing or malformed model, adapter
-    or data file; the library's errors already name the file). Usage errors exit 2 (argparse)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+def interactive(model, tokenizer, gen, lines=sys.stdin, out=sys.stdout):
+    """Paste a context (ended by an empty line), then ask questions one after another, each
+    answer printed token by token as it is generated (KV cache; greedy or sampled as `gen`
+    says). An empty question asks for a new context; Ctrl-D (end of input) leaves."""
+    lines = iter(lines)
+
+    def ask(prompt):
+        print(prompt, end="", file=out, flush=True)
+        return next(lines, None)
+
+    while True:
+        print("Paste a context, then an empty line (Ctrl-D: quit):", file=out, flush=True)
+        paragraph = []
+        while (line := next(lines, None)) is not None and line.strip():
+            paragraph.append(line.rstrip("\n"))
+        if not paragraph:
+            return
+        context = "\n".join(paragraph)
+        while (question := ask("question (empty: new context)> ")) is not None and question.strip():
+            stream_answer(model, tokenizer, context, question.strip(), gen, out)
+        if question is None:
+            print(file=out)
+            return
+
+
+def stream_answer(model, tokenizer, context, question, gen, out):
+    """One answer, printed as generated; the text is decode_answer's (up to the first
+    <|endoftext|> or newline), so equal to answer_questions' for the same settings."""
+    ids, _ = encode_prompt(tokenizer, context, question, gen["max_length"], gen["max_new_tokens"])
+    new, shown = [], ""
+
+    def on_token(nxt):
+        nonlocal shown
+        new.append(int(nxt[0]))
+        text = decode_answer(tokenizer, new)
+        raw = tokenizer.decode(new)
+        if text.startswith(shown):  # a token can end in half a character: print only what is whole
+            print(text[len(shown):] if not text.endswith("\ufffd") else "", end="", file=out, flush=True)
+            shown = text if not text.endswith("\ufffd") else shown
+        return EOS_ID in new or "\n" in raw  # the answer is over (decode_answer cuts there)
+    model.generate(np.array([ids], dtype=np.int32), gen["max_new_tokens"], temperature=gen["temperature"],
+                   top_k=gen["top_k"], top_p=gen["top_p"], eos_token_id=EOS_ID, seed=gen["seed"], on_token=on_token)
+    print(decode_answer(tokenizer, new)[len(shown):], file=out, flush=True)
 
 
 def snippet(text, n=160):
     return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
 
 
+def build_parser():
+    from training.train_config import HelpFormatter
+    parser = argparse.ArgumentParser(description="Answer SQuAD v1.1 questions with GPT-2 (+ LoRA) and score them.",
+                                     formatter_class=HelpFormatter, allow_abbrev=False)
+    add = parser.add_argument_group("model").add_argument
+    add("--model", default=None,
+        help="GPT-2 folder (config.json + model.safetensors), hub id (gpt2-medium, ...) or merged export "
+             "(default: the newest finished run's base model, else gpt2)")
+    add("--revision", default=None, help="hub revision of --model: branch, tag or commit (default: main)")
+    add("--adapter", default=None, help="LoRA adapter folder in PEFT's format (ours or PEFT's); 'none': the base "
+                                        "model alone (default: the newest finished run's adapter/ under checkpoints/)")
+    add = parser.add_argument_group("questions").add_argument
+    add("--context", default=None, help="answer one question about this text (with --question)")
+    add("--question", default=None, help="the question about --context")
+    add("--interactive", action="store_true", help="paste a context, ask questions one after another, answers "
+                                                   "printed as they are generated; Ctrl-D quits")
+    add("--data", default=None, help="SQuAD v1.1 JSON file: answer all its questions and score them")
+    add("--limit", type=int, default=None, help="answer only the first N questions of --data (scored over those "
+                                                "N only; default: all)")
+    add("--output", default="predictions.json", help="where --data writes its predictions {question_id: answer} "
+                                                     "(default: predictions.json)")
+    add("--scores", default=None, help="where --data writes EM/F1 as JSON (default: --output with suffix .scores.json)")
+    add = parser.add_argument_group("generation").add_argument
+    add("--batch-size", type=int, default=8, help="questions generated together (default: 8)")
+    add("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: 32)")
+    add("--max-length", type=int, default=512,
+        help="prompt + answer tokens; longer contexts are cut (keeping their start) (default: 512)")
+    add("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
+    add("--top-k", type=int, default=None, help="sample only among the k most likely tokens (default: all)")
+    add("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass (default: 1)")
+    add("--seed", type=int, default=None, help="seed for sampling (temperature > 0) (default: none, random)")
+    add = parser.add_argument_group("device and output").add_argument
+    add("--device", choices=DEVICES, default="auto", metavar="{" + ",".join(DEVICES) + "}",
+        help="auto (CUDA when a usable GPU is there), cpu or cuda (default: auto)")
+    add("--precision", choices=PRECISIONS, default="auto", metavar="{" + ",".join(PRECISIONS) + "}",
+        help="fp32, tf32 (CUDA), bf16 or fp16 (frozen weights in half); auto: fp32 on the CPU, bf16 on CUDA "
+             "(default: auto)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--debug", action="store_true", help="show the full traceback of an error (or set GPT2_LORA_DEBUG=1)")
+    return parser
+
+
+def fail(message):
+    """One line on stderr and exit status 1 (a data error: a missing or malformed model, adapter
+    or data file; the library's errors already name the file); with --debug the traceback too.
+    Usage errors exit 2 (argparse)."""
+    if DEBUG and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+DEBUG = os.environ.get("GPT2_LORA_DEBUG") == "1"
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Answer SQuAD v1.1 questions with GPT-2 (+ LoRA) and score them.")
-    parser.add_argument("--model", default=None,
-                        help="GPT-2 folder (config.json + model.safetensors) or a merged export; default ./gpt2 "
-                             "(downloaded if missing); with no question given and no ./gpt2, the model of "
-                             "`make demo` in checkpoints/demo")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder in PEFT's format (ours or PEFT's)")
-    parser.add_argument("--context", default=None, help="answer one question about this text (with --question)")
-    parser.add_argument("--question", default=None, help="the question about --context")
-    parser.add_argument("--data", default=None, help="SQuAD v1.1 JSON file: answer all its questions and score them")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="answer only the first N questions of --data (scored over those N only)")
-    parser.add_argument("--output", default="predictions.json",
-                        help="where --data writes its predictions {question_id: answer}")
-    parser.add_argument("--scores", default=None,
-                        help="where --data writes EM/F1 as JSON; default: --output with suffix .scores.json")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions generated together")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens")
-    parser.add_argument("--max-length", type=int, default=512,
-                        help="prompt + answer tokens; longer contexts are cut (keeping their start)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto (CUDA when a usable GPU is there), cpu or cuda")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="fp32, tf32 (CUDA), bf16 or fp16 (frozen weights in half); auto: fp32 on the CPU, "
-                             "bf16 on CUDA")
+    parser = build_parser()
     args = parser.parse_args()
+    DEBUG = DEBUG or args.debug
     if (args.context is None) != (args.question is None):
         parser.error("--context and --question go together")
     if args.data is not None and args.context is not None:
         parser.error("give either --data or --context/--question, not both")
+    if args.interactive and (args.data is not None or args.context is not None):
+        parser.error("--interactive reads its contexts and questions from the terminal: no --data or --context")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -262,18 +345,28 @@ if __name__ == "__main__":
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    demo_mode = args.data is None and args.context is None
+    demo_mode = args.data is None and args.context is None and not args.interactive
     gen = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
-    # --- which model ---------------------------------------------------------
-    model_dir, adapter_dir, random_demo = args.model, args.adapter, False
-    if model_dir is None and adapter_dir is None and demo_mode:
-        found = default_model()
-        if found is None:
-            fail("no model found: run `make demo` (writes checkpoints/demo), put GPT-2 in ./gpt2, "
-                 "or pass --model DIR")
-        model_dir, adapter_dir, random_demo = found
+    # --- which model: the newest finished run unless told otherwise ------------
+    model_dir, revision, adapter_dir, random_demo = args.model, args.revision, args.adapter, False
+    if model_dir is None and adapter_dir is None:
+        try:
+            found = newest_run()
+        except ValueError as e:
+            fail(e)
+        if found is not None:
+            model_dir, revision, adapter_dir, random_demo = found
+            chosen = (f"answering with the newest finished run under {RUNS}/: {adapter_dir} on {model_dir} "
+                      f"(--adapter none: the base model alone)")
+        else:
+            chosen = (f"no finished run under {RUNS}/ (train one: `make demo`, or train_default_lora.py): answering "
+                      f"with the untuned base model gpt2")
+    else:
+        chosen = None
+    if adapter_dir is not None and str(adapter_dir).lower() == "none":
+        adapter_dir = None
     model_dir = "gpt2" if model_dir is None else model_dir
 
     # --- questions (checked before the model loads: a bad file fails fast) ---
@@ -289,11 +382,14 @@ if __name__ == "__main__":
                 examples = examples[:args.limit]
         elif args.context is not None:
             examples = [SquadExample("question", "", args.context, args.question, [], -1)]
-        else:
+        elif demo_mode:
             examples = demo_examples()
-        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision)
+        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision, revision)
     except (OSError, ValueError, RuntimeError) as e:
-        fail(e)
+        fail(f"no model found: run `make demo` (writes checkpoints/demo) or pass --model; {e}"
+             if args.model is None and adapter_dir is None and model_dir == "gpt2" else e)
+    if chosen:  # said once the model is there (an error stays one line)
+        print(chosen, file=sys.stderr)
     print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
           f"; {runtime.describe(model)}", file=sys.stderr)
     gen["max_length"] = min(args.max_length, model.config.n_positions)  # what answer_questions uses; recorded
@@ -302,6 +398,10 @@ if __name__ == "__main__":
         # --- one question ----------------------------------------------------------
         if args.context is not None:
             print(answer_questions(model, tokenizer, examples, progress=False, **gen)["question"])
+
+        # --- talk to it -----------------------------------------------------------
+        elif args.interactive:
+            interactive(model, tokenizer, gen)
 
         # --- the demo questions ----------------------------------------------------
         elif demo_mode:

@@ -32,13 +32,20 @@ step (distributed.py); the result is the same as one process with the same globa
 Only rank 0 writes files (and holds the lock) and prints.
 """
 # ----------------------------------------------------------------------------
-# Imports. Jittor comes in once, here, through jittor_env (CPU or CUDA, oneDNN found offline);
-# its first import on a machine compiles Jittor's core (minutes, then cached).
+# Imports. --help first answers without Jittor (whose first import on a machine compiles
+# its core for minutes). Then Jittor comes in once, here, through jittor_env (CPU or CUDA,
+# oneDNN found offline), which says so before a first compile.
 import json
 import math
+import os
 import signal
 import sys
 import time
+import traceback
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    from training.train_config import parse_args
+    parse_args(description=__doc__.split("\n")[0])  # prints the help and exits
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +65,7 @@ from gpt2_lora_dataset import Data, batches, collate, count_supervised, load_dat
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import answer_questions, score_run
+from training.tensorboard_log import NoLog, TensorBoardLog
 from training.train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check,
                           learning_rate, parse_args, read_saved_config, total_steps)
 from training.train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
@@ -104,6 +112,7 @@ class Run:
     total: int                # optimizer steps of the whole run
     global_batch: int         # examples per optimizer step: batch_size x grad_accum x processes
     scaler: LossScaler = None # fp16: dynamic loss scaling (None in other precisions)
+    report: object = None     # TensorBoardLog (--report-to tensorboard, rank 0) or NoLog
     step: int = 0             # optimizer steps done
     epoch: int = 0            # the epoch the next step is in (0-based)
     batches: int = 0          # global batches of that epoch done
@@ -133,14 +142,47 @@ def prepare(cfg, resume):
     per_epoch = math.ceil(len(data.train_features) / global_batch)
     total = total_steps(cfg, per_epoch)
     log(f"global batch: {global_batch} examples per optimizer step (--batch-size {cfg.batch_size} x "
-        f"--grad-accum {cfg.grad_accum} x {distributed.world_size} process(es)); {per_epoch} steps per epoch")
+        f"--gradient-accumulation-steps {cfg.grad_accum} x {distributed.world_size} process(es)); "
+        f"{per_epoch} steps per epoch")
+    log(run_size(cfg, data, total, per_epoch, model))
     scaler = LossScaler() if runtime.precision_of(model) == "fp16" else None
     run = Run(cfg, out, model, tokenizer, opt, data, total, global_batch, scaler)
     restore(run, resume)
+    # TensorBoard (rank 0): a resumed run first drops the events from its first redone step on
+    run.report = TensorBoardLog(out / "runs", purge_step=run.step + 1 if resume else None) \
+        if cfg.report_to == "tensorboard" and distributed.is_main else NoLog()
     distributed.check_same_on_all_ranks(model.trainable_parameters(), "LoRA weights")
     if run.step == 0 and distributed.is_main:  # the starting point, to compare with train_pytorch_lora.py's
         write_folder(out / "adapter-step0", model.save_lora_weights)
     return run
+
+
+def run_size(cfg, data, total, per_epoch, model):
+    """The run's size in one line, before its first step: examples, epochs, optimizer steps,
+    held-out evaluations, checkpoints and their disk use, tokens."""
+    n = len(data.train_features)
+    evals = 1 + total // cfg.eval_interval + (total % cfg.eval_interval != 0)  # + the one at step 0
+    ckpts = total // cfg.save_interval + (total % cfg.save_interval != 0)
+    kept = min(ckpts, cfg.keep_checkpoints) if cfg.keep_checkpoints else ckpts
+    # a checkpoint holds the LoRA tensors and AdamW's two moments, in float32
+    ckpt_mb = 3 * 4 * sum(int(math.prod(p.shape)) for p in model.trainable_parameters()) / 1e6
+    tokens = sum(len(f.input_ids) for f in data.train_features) * total / per_epoch
+    epochs = f"{total / per_epoch:.3g} epochs (--max-steps {cfg.max_steps})" if total < per_epoch * cfg.epochs \
+        else f"{cfg.epochs} epoch(s)"
+    return (f"this run: {n:,d} training examples x {epochs} = {total:,d} optimizer steps, ~{tokens:,.0f} "
+            f"tokens; {evals:,d} held-out evaluations ({len(data.eval_batches)} batches each, every "
+            f"{cfg.eval_interval} steps); {ckpts:,d} checkpoint(s) (every {cfg.save_interval} steps, "
+            f"{kept} kept, ~{ckpt_mb:.3g} MB each, ~{kept * ckpt_mb:.3g} MB on disk)")
+
+
+def time_left(seconds):
+    """3 d 4 h, 2 h 05 min, 4 min 10 s."""
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400} d {s % 86400 // 3600} h"
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s"
 
 
 def restore(run, resume):
@@ -213,11 +255,14 @@ def build_model(cfg, out):
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
     # A drawn from NumPy by (--seed, module name): the same start as train_pytorch_lora.py's,
     # and the same on every rank
-    model = LoRAGPT(GPT.from_pretrained(base_dir), lora_cfg, seed=cfg.seed)
+    dropout = {} if cfg.model_dropout is None else \
+        {k: cfg.model_dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}  # GPT-2's own
+    model = LoRAGPT(GPT.from_pretrained(base_dir, **dropout), lora_cfg, seed=cfg.seed)
     # device, precision, and the fused CPU kernels where they run
     model = runtime.prepare(model, cfg.device, cfg.precision)
     log(runtime.describe(model))
-    model.base_model_name_or_path = str(base_dir)
+    # the name the user gave (a hub id stays a hub id, as in PEFT's adapter_config.json)
+    model.base_model_name_or_path = str(base_dir) if cfg.random_base else cfg.model
     return model, base_dir
 
 
@@ -229,6 +274,9 @@ def save_base_model(base_dir, config, seed):
 # ----------------------------------------------------------------------------
 # Phase 2: the training loop
 
+ETA_AFTER = 5  # the time to finish is estimated after this many steps
+
+
 def train_loop(run, stop_after=None, progress=True):
     """Optimizer steps from run.step to run.total. Returns False when stop_after (a step
     number) cut the run short, as if interrupted, True when it ran to the end."""
@@ -239,8 +287,10 @@ def train_loop(run, stop_after=None, progress=True):
         val = evaluate_loss(model, data.eval_batches)
         if main:
             append_line(out / "val_loss.txt", f"0\t{val:.6f}")
+            run.report.scalars(0, {"eval/loss": val})
     model.train()
     t_start, tokens_seen, loss_ema, order, order_epoch = time.time(), 0, None, None, None
+    first_step, t_second = run.step, time.time()
     with tqdm(total=run.total, initial=run.step, desc="train", unit="step", disable=not (progress and main),
               dynamic_ncols=True) as bar:
         while run.step < run.total and run.epoch < cfg.epochs:
@@ -264,7 +314,15 @@ def train_loop(run, stop_after=None, progress=True):
             # --- log (tokens: real tokens of the global batch)
             dt, tokens_seen = time.time() - t0, tokens_seen + n_tok
             loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+            if run.step - first_step == ETA_AFTER and main:
+                per_step = (time.time() - t_second) / max(1, run.step - first_step - 1)
+                log(f"{per_step:.3g} s per step over steps {first_step + 2}-{run.step}: the {run.total - run.step:,d} "
+                    f"steps left take about {time_left(per_step * (run.total - run.step))} (+ evaluations)")
+            if run.step == first_step + 1:
+                t_second = time.time()  # the first step compiles: the estimate starts after it
             if main:
+                run.report.scalars(run.step, {"train/loss": loss, "train/learning_rate": lr,
+                                              "train/tokens_per_s": n_tok / dt})
                 append_line(out / "train_loss.txt", f"{run.step}\t{loss:.6f}")
                 append_line(out / "metrics.jsonl", json.dumps({
                     "step": run.step, "epoch": run.epoch + 1, "loss": round(loss, 6), "lr": lr,
@@ -277,6 +335,7 @@ def train_loop(run, stop_after=None, progress=True):
                 val = evaluate_loss(model, data.eval_batches)
                 if main:
                     append_line(out / "val_loss.txt", f"{run.step}\t{val:.6f}")
+                    run.report.scalars(run.step, {"eval/loss": val})
                 log(f"step {run.step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
             if main and run.step in save_adapter_at:  # for step-by-step comparisons (--adapter-steps)
                 write_folder(out / f"adapter-step{run.step}", model.save_lora_weights)
@@ -410,6 +469,9 @@ def final_scores(run):
         stop_at("finish:scores" if path.name == "scores.json" else "finish:predictions")
         with writing(path):
             atomic_write_json(path, obj)
+        if path.name == "scores.json":  # eval/exact_match ..., train/f1 at the last step
+            run.report.scalars(run.step, {f"{'eval' if split == 'heldout' else 'train'}/{k}": v
+                                          for split, s in obj.items() for k, v in s.items() if k != "questions"})
     score_run(run.model, run.tokenizer, cfg, run.data, run.out, save=save, answer=answer)
 
 
@@ -433,10 +495,13 @@ def train(cfg, resume=False, stop_after=None, progress=True):
         raise UsageError(f"{out}: nothing to resume (no config.json of a run there); leave out --resume to start one")
     with RunLock(out, log=log) if distributed.is_main else nullcontext():  # one lock for all ranks
         run = prepare(cfg, resume)
-        with run.stop:
-            done = train_loop(run, stop_after, progress)
-        if done:
-            finish(run)
+        try:
+            with run.stop:
+                done = train_loop(run, stop_after, progress)
+            if done:
+                finish(run)
+        finally:
+            run.report.close()
     return run.out
 
 
@@ -448,8 +513,9 @@ def stop_now(signum, frame):
 
 def main(argv=None):
     """The command line; returns the exit code (see the module doc): one line on stderr for
-    every error, never a traceback."""
+    every error, and its full traceback with --debug (or GPT2_LORA_DEBUG=1)."""
     saved = {s: signal.signal(s, stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("GPT2_LORA_DEBUG") == "1"
     try:
         cfg, resume = parse_args(argv, description=__doc__.split("\n")[0])
         train(cfg, resume=resume)
@@ -457,10 +523,10 @@ def main(argv=None):
         distributed.say(str(e))
         return e.exit_code
     except UsageError as e:
-        distributed.say(f"error: {e}")
+        distributed.say(traceback.format_exc().rstrip() if debug else f"error: {e}")
         return 2
     except (OSError, ValueError, RuntimeError) as e:  # data errors, failed writes, the folder in use
-        distributed.say(f"error: {e}")
+        distributed.say(traceback.format_exc().rstrip() if debug else f"error: {e}")
         return 1
     finally:
         for s, handler in saved.items():

@@ -84,7 +84,9 @@ def build_model(cfg, out, dtype="float32"):
     would use, LoRA by PEFT, every lora_A replaced by the NumPy draw train_default_lora.py makes,
     all in `dtype` (float64: --dtype, see the module doc)."""
     base_dir = base_model_dir(cfg, out, log)
-    base = GPT2LMHeadModel.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
+    dropout = {} if cfg.model_dropout is None else \
+        {k: cfg.model_dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}  # GPT-2's own
+    base = GPT2LMHeadModel.from_pretrained(str(base_dir), dtype=getattr(torch, dtype), **dropout)
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, fan_in_fan_out=True,
                           target_modules=[t.strip() for t in cfg.targets.split(",") if t.strip()],
                           use_rslora=cfg.rslora, init_lora_weights=True if cfg.init == "kaiming" else cfg.init,

@@ -93,8 +93,29 @@ def prepare():
         print("warning: oneDNN not found (install Debian's libdnnl-dev: `make setup` does it); "
               "Jittor runs its own, slower matmul kernels", file=sys.stderr)
     os.environ.setdefault("log_silent", "1")  # Jittor's [i ...] banner on every import
+    if core_not_compiled(jittor_home()):
+        print(f"Jittor compiles its core for this machine{' and CUDA' if use_gpu else ''} before the first run: "
+              f"a few minutes, once (cached in {jittor_home() / '.cache' / 'jittor'})", file=sys.stderr, flush=True)
     check_mpi()
     return use_gpu
+
+
+def core_not_compiled(home):
+    """True when Jittor has not compiled its core for this installation yet (its first import
+    then compiles for minutes, silently under log_silent). Jittor keeps the core in
+    $JITTOR_HOME/.cache/jittor/jt<major.minor.patch>/<compiler>/<python>/<os>/<cpu>/<key>*/.../
+    jittor_core*.so, where <key> is the first 4 hex digits of the md5 of jittor_utils/__init__.py's
+    path (jittor_utils.find_cache_path): one folder per installation."""
+    import hashlib
+    from importlib import metadata, util
+    try:
+        spec = util.find_spec("jittor_utils")
+        version = metadata.version("jittor").rsplit(".", 1)[0]
+    except (ImportError, ValueError, metadata.PackageNotFoundError):
+        return False  # not installed: the import fails with its own message
+    key = hashlib.md5(spec.origin.encode()).hexdigest()[:4]
+    cache = home / ".cache" / "jittor" / f"jt{version}"
+    return not any(cache.glob(f"*/*/*/*/{key}*/**/jittor_core*.so"))
 
 
 def check_mpi():

@@ -126,3 +126,36 @@ def keyed_attention_keep(seed, p, example_ids, B, H, T):
     per_query = hash32(hash32(s0, s1, token)[:, None, :], s1, np.arange(H, dtype=np.uint32)[None, :, None])
     kept = hash32(per_query[..., None], s1, np.arange(T, dtype=np.uint32)) >= t  # (B, H, T, T)
     return kept.astype(np.float32) / np.float32(1 - p)
+
+
+# ----------------------------------------------------------------------------
+# A Hugging Face hub cache written by hand, in huggingface_hub's own layout, so that its
+# resolution (HF_HOME, HF_HUB_OFFLINE=1, refs, revisions) runs for real in the tests.
+
+def write_hub_cache(hub_cache, repo_id, files, commit="0" * 40, ref="main"):
+    """Put `files` ({name: source path}) into hub_cache as revision `commit` of model repo
+    `repo_id`, `ref` pointing at it: models--<org>--<name>/{blobs/<sha256>, refs/<ref>,
+    snapshots/<commit>/<name> -> ../../blobs/<sha256>}, as `hf download` leaves them."""
+    import hashlib
+    repo = Path(hub_cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        data = Path(src).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    if ref is not None:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def hub_model_files(folder):
+    """{name: path} of a GPT-2 folder written by save_pretrained, plus GPT-2's BPE files."""
+    from model_utils import gpt2_bpe_files
+    vocab, merges = gpt2_bpe_files()
+    return {**{p.name: p for p in Path(folder).iterdir() if p.is_file()}, "vocab.json": vocab, "merges.txt": merges}

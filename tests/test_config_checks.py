@@ -163,7 +163,7 @@ def test_exit_codes_of_real_processes(split_files, tmp_path):
         (cli(*argv(split_files, tmp_path / "x", "--dropout", "1.5")), 2, "error: --dropout must be in [0, 1), not 1.5"),
         (cli(*argv(split_files, tmp_path / "y", "--train-file", tmp_path / "none.json")), 1,
          f"error: {tmp_path / 'none.json'}: file not found"),
-        (cli("--lr", "abc"), 2, "train_default_lora.py: error: argument --lr: invalid float value: 'abc'"),
+        (cli("--lr", "abc"), 2, "train_default_lora.py: error: argument --learning-rate/--lr/--learning_rate: invalid float value: 'abc'"),
         (cli("--top-p", "1.5", script="test_generation.py"), 2,
          "test_generation.py: error: --top-p must be in (0, 1], not 1.5"),
         (cli("--max-length", "12", "--max-new-tokens", "4", script="test_generation.py"), 2,

@@ -5,6 +5,7 @@ real ones (no GPT-2 weights can be downloaded here). Prompts stay short (n_posit
 128) and answers a few tokens, so Jittor compiles few shapes and the file runs fast.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,8 @@ def examples():
     return read_squad(SAMPLE_DATA)[0][:6]
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd,
+def run_cli(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -189,7 +190,38 @@ def test_cli_data_errors_exit_1_naming_the_file(tiny, tmp_path, case):
                         f"{tmp_path / 'adapter_config.json'}: missing"),
         "bad_data": (["--model", base, "--data", bad], ROOT, f"{bad}: not valid JSON"),
     }[case]
-    r = run_cli(*args, cwd=cwd)
+    # no run, no ./gpt2 and gpt2 not in an (empty, offline) Hugging Face cache
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    r = run_cli(*args, cwd=cwd, env=env)
     print(f"\n{case}: exit {r.returncode}: {r.stderr.strip()}")
     assert r.returncode == 1 and needle in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_interactive_streams_the_answer_token_by_token(loaded, examples):
+    """interactive(): the answer comes in pieces as tokens are generated, and adds up to the
+    library's answer; an empty question asks for a new context, end of input leaves."""
+    import io
+    from test_generation import interactive
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.parts = []
+
+        def write(self, text):
+            self.parts.append(text)
+            return super().write(text)
+
+    model, tokenizer = loaded
+    ex = examples[0]
+    gen = dict(max_new_tokens=6, max_length=128, temperature=0.0, top_k=None, top_p=None, seed=None)
+    out = Writes()
+    interactive(model, tokenizer, gen, lines=io.StringIO(f"{ex.context}\n\n{ex.question}\n\n"), out=out)
+    expected = answer_questions(model, tokenizer, [ex], **GEN)[ex.id]
+    prompt = "question (empty: new context)> "
+    i = out.parts.index(prompt)
+    pieces = [p for p in out.parts[i + 1:out.parts.index(prompt, i + 1)] if p.strip()]
+    print(f"\nstreamed in {len(pieces)} pieces: {pieces}; library: {expected!r}")
+    assert "".join(pieces).strip() == expected and len(pieces) > 1
+    assert out.getvalue().count("Paste a context") == 2  # asked again after the empty question; then end of input

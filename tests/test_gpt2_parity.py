@@ -219,13 +219,12 @@ def test_tokenizer_offline_hello_world():
 
 
 def test_download_offline_error_says_what_to_do(tmp_path):
-    code = ("import model_utils\n"
-            f"model_utils.download_gpt2({str(tmp_path / 'gpt2')!r})\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    code = "import model_utils\nmodel_utils.resolve_model('gpt2')\n"  # no ./gpt2 in tmp_path, an empty cache
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     print("\n" + r.stderr.strip().splitlines()[-1])
     assert r.returncode != 0
-    assert "could not download GPT-2 'gpt2'" in r.stderr and "--demo" in r.stderr
+    assert "gpt2: not in the Hugging Face cache" in r.stderr and "--demo" in r.stderr
 
 
 def test_gelu_matches_torch_with_finite_gradients(impl):

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from gpt2_config import GPTConfig, parse_shape
-from model_utils import atomic_save_safetensors, atomic_write_json, ensure_gpt2
+from model_utils import atomic_save_safetensors, atomic_write_json, resolve_model
 
 
 def generator(seed, name):
@@ -66,7 +66,7 @@ def base_model_dir(cfg, out, log, save=save_random_gpt2):
     or with --random-base a random GPT-2 drawn into out/base_model by save(folder, config, seed)
     (once; kept on --resume)."""
     if not cfg.random_base:
-        return ensure_gpt2(cfg.model)
+        return resolve_model(cfg.model, cfg.revision)
     base_dir = out / "base_model"
     config = GPTConfig(**parse_shape(cfg.random_base))
     if not ((base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file()):

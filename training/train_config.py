@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -23,8 +24,12 @@ def option(default, help):
 
 @dataclass
 class TrainConfig:
-    model: str = option("gpt2", "base GPT-2 folder with config.json + model.safetensors; "
-                                "'gpt2' downloads it into ./gpt2 when online")
+    model: str = option("gpt2", "base GPT-2: a folder with config.json + model.safetensors (the seed's ./gpt2), "
+                                "or a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, "
+                                "openai-community/..., any GPT-2 repo) fetched into the Hugging Face cache")
+    revision: str = option(None, "hub revision of --model: a branch, tag or commit (unset: main)")
+    model_dropout: float = option(None, "GPT-2's own dropout (resid_pdrop, embd_pdrop, attn_pdrop) while training "
+                                        "(unset: the base model's config.json, 0.1 for GPT-2)")
     train_file: str = option(None, "SQuAD v1.1 JSON to train on (unset: data/train-v1.1.json, downloaded "
                                    "when online)")
     eval_file: str = option(None, "SQuAD v1.1 JSON for the held-out loss and EM/F1 (unset: data/dev-v1.1.json, "
@@ -76,6 +81,8 @@ class TrainConfig:
                                     "e.g. n_layer=4,n_head=4,n_embd=256) in OUTPUT_DIR/base_model instead of "
                                     "loading --model: for experiments without pretrained weights")
     demo: bool = option(False, "offline demo: a small random-initialised GPT-2 on data/squad_sample.json")
+    report_to: str = option("none", "also log the scalars for TensorBoard into OUTPUT_DIR/runs (the HF "
+                                    "Trainer's flag; needs `pip install tensorboard`)")
 
 
 # What --demo changes: a model small enough to train in about a minute on 2 CPU cores.
@@ -88,7 +95,7 @@ DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512
                       train_gen_eval_examples=16, max_new_tokens=12)
 # batch_size and grad_accum may change with the number of processes; the global batch
 # (batch_size x grad_accum x processes) must stay, which resuming checks against the checkpoint.
-RESUME_MAY_CHANGE = {"device", "max_steps", "adapter_steps", "epochs", "eval_interval", "save_interval",
+RESUME_MAY_CHANGE = {"device", "report_to", "max_steps", "adapter_steps", "epochs", "eval_interval", "save_interval",
                      "keep_checkpoints", "gen_eval_examples", "train_gen_eval_examples", "eval_examples", "max_new_tokens",
                      "batch_size", "grad_accum"}
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "eval_interval", "save_interval", "max_length",
@@ -111,7 +118,8 @@ class UsageError(ValueError):
 MIN_PROMPT_TOKENS = 10
 MIN_MAX_LENGTH = MIN_PROMPT_TOKENS + 1
 CHOICES = {"init": ("kaiming", "gaussian"), "schedule": ("cosine", "linear", "constant"),
-           "loss_on": ("answer", "all"), "device": DEVICES, "precision": PRECISIONS}
+           "loss_on": ("answer", "all"), "device": DEVICES, "precision": PRECISIONS,
+           "report_to": ("none", "tensorboard")}
 # What the targets may name: GPT-2's projections, alone or with their parents (PEFT's suffix
 # rule), e.g. c_attn, mlp.c_proj, h.0.attn.c_attn.
 TARGET_NAME = re.compile(r"((h\.)?\d+\.)?(((attn\.)?c_attn)|((attn|mlp)\.)?c_proj|((mlp\.)?c_fc))")
@@ -124,6 +132,7 @@ RANGES = {
     "alpha": (lambda v: v > 0, "> 0"),
     "lr": (lambda v: v > 0, "> 0"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     # Jittor's seed is 31 bits and the loop reseeds with seed * 100003 + step (mod 2^31).
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
 }
@@ -173,31 +182,118 @@ def adapter_steps(cfg):
     return steps
 
 
+# ----------------------------------------------------------------------------
+# The command line, group by group, in --help's order: field -> its spellings. The first is
+# the one --help shows and docs/usage.md documents: PEFT's names for LoRA (lora_r,
+# lora_alpha, target_modules, ...) and the HF Trainer's for the rest (learning_rate,
+# max_grad_norm, num_train_epochs, eval_steps, save_steps, report_to, ...). The others stay
+# accepted, so published commands keep working: "--" + the field name (the seed's --r,
+# --lr, --clip, ...) always, and every spelling's underscore twin (--lora_r, --learning_rate).
+CLI_GROUPS = {
+    "model": {"model": ("--model", "--model-name-or-path"), "revision": (), "model_dropout": (),
+              "random_base": (), "demo": ()},
+    "LoRA": {"r": ("--lora-r",), "alpha": ("--lora-alpha",), "dropout": ("--lora-dropout",),
+             "targets": ("--target-modules",), "qv_only": (), "init": ("--init-lora-weights",),
+             "rslora": ("--use-rslora",)},
+    "data": {"train_file": (), "eval_file": ("--eval-file", "--validation-file"),
+             "max_length": ("--max-length", "--max-seq-length"),
+             "max_train_examples": ("--max-train-examples", "--max-train-samples"), "loss_on": (),
+             "bucket": ("--group-by-length", "--bucket"), "skip_bad": ()},
+    "optimisation": {"lr": ("--learning-rate",), "epochs": ("--num-train-epochs",),
+                     "batch_size": ("--batch-size", "--per-device-train-batch-size"),
+                     "grad_accum": ("--gradient-accumulation-steps", "--grad-accum"), "warmup_steps": (),
+                     "schedule": ("--lr-scheduler-type", "--schedule"), "weight_decay": (),
+                     "clip": ("--max-grad-norm",), "max_steps": (), "seed": ()},
+    "evaluation": {"eval_interval": ("--eval-steps",), "eval_examples": ("--eval-examples", "--max-eval-samples"),
+                   "gen_eval_examples": (), "train_gen_eval_examples": (), "max_new_tokens": ()},
+    "output and resume": {"output_dir": (), "save_interval": ("--save-steps",),
+                          "keep_checkpoints": ("--save-total-limit",), "adapter_steps": (), "report_to": ()},
+    "device and processes": {"device": (), "precision": ()},
+}
+
+
+def spellings(name):
+    """Every flag accepted for field `name`, the documented one first."""
+    first = list(next(g[name] for g in CLI_GROUPS.values() if name in g)) or ["--" + name.replace("_", "-")]
+    flags = first + ["--" + name.replace("_", "-")]
+    flags += ["--" + f[2:].replace("-", "_") for f in flags]
+    return list(dict.fromkeys(flags))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help lists one spelling per option (the documented one) and its choices; the other
+    spellings are listed once at the end (the epilog)."""
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.dest == "help":
+            return super()._format_action_invocation(action)
+        flag = action.option_strings[0]
+        if action.nargs == 0:
+            return f"{flag} / --no-{flag[2:]}" if isinstance(action, argparse.BooleanOptionalAction) else flag
+        return f"{flag} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_help_string(self, action):
+        return action.help  # defaults are written into the help text by parse_args
+
+    def _split_lines(self, text, width):  # never break a flag such as --max-grad-norm at a hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+def build_parser(description):
+    """The grouped parser of TrainConfig's fields, plus --resume, --config and --debug."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    assert sorted(n for g in CLI_GROUPS.values() for n in g) == sorted(by_name), "every field in one group"
+    aliases = []
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False,
+                                usage="%(prog)s [options]  (grouped below; --help lists one spelling per option)")
+    groups = {title: p.add_argument_group(title) for title in CLI_GROUPS}
+    for title, names in CLI_GROUPS.items():
+        for name in names:
+            f, flags = by_name[name], spellings(name)
+            default = f.default if f.default not in ("", None) else "none" if f.default == "" else None
+            text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
+            if f.type is bool:  # --x / --no-x, so that a saved True can be turned off on --resume
+                groups[title].add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                           help=text)
+            else:
+                metavar = "{" + ",".join(CHOICES[name]) + "}" if name in CHOICES else \
+                    {int: "N", float: "X"}.get(f.type, flags[0][2:].upper().replace("-", "_"))
+                groups[title].add_argument(*flags, dest=name, type=f.type, default=None, help=text, metavar=metavar)
+            aliases += [f"{a} = {flags[0]}" for a in flags[1:] if "_" not in a]
+    run = groups["output and resume"]
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    run.add_argument("--config", metavar="FILE", help="read the options from this JSON file of TrainConfig fields "
+                     "(a run's own config.json works); options given on the command line override it")
+    run.add_argument("--debug", action="store_true", help="show the full traceback of an error "
+                     "(or set GPT2_LORA_DEBUG=1)")
+    p.epilog = ("Other spellings accepted (the seed's names and the HF / PEFT ones), each also with "
+                "underscores (--lora_r, --learning_rate): " + "; ".join(aliases) + ".")
+    return p
+
+
 def parse_args(argv=None, description="Fine-tune GPT-2 with LoRA on SQuAD v1.1 (loss on the answer tokens only)."):
     """(TrainConfig, resume) from the command line.
 
-    Options given win over the run's saved config.json (with --resume), which wins over
-    --demo's settings, which win over the defaults. Every option's argparse default is None,
-    so "not given" is None and nothing else: a 0, 0.0, "" or False given is kept.
+    Options given win over --config FILE, which wins over the run's saved config.json (with
+    --resume), which wins over --demo's settings, which win over the defaults. Every
+    option's argparse default is None, so "not given" is None and nothing else: a 0, 0.0,
+    "" or False given is kept. --debug is read by the scripts' main().
     """
-    p = argparse.ArgumentParser(description=description)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
-        if f.type is bool:  # --x / --no-x, so that a saved True can be turned off on --resume
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            p.add_argument(flag, type=f.type, default=None, help=text)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
-    base = DEMO_OVERRIDES if args.demo else {}
+    args = build_parser(description).parse_args(argv)
+    own = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in own}
+    from_file = read_saved_config(Path(args.config)) if args.config else {}
+    demo = given.get("demo", from_file.get("demo"))
+    base = DEMO_OVERRIDES if demo else {}
     if args.resume:  # continue with the run's own settings; options given now override them
-        out = given["output_dir"] if "output_dir" in given else base.get("output_dir", TrainConfig.output_dir)
+        out = given.get("output_dir", from_file.get("output_dir", base.get("output_dir", TrainConfig.output_dir)))
         saved = Path(out) / "config.json"
         if saved.is_file():
             base = read_saved_config(saved)
-    return TrainConfig(**{**base, **given}), args.resume
+    return TrainConfig(**{**base, **from_file, **given}), args.resume
 
 
 def read_saved_config(path):
@@ -210,7 +306,8 @@ def read_saved_config(path):
         raise ValueError(f"{path}: not a JSON object of settings")
     unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        raise ValueError(f"{path}: unknown settings {unknown} (written by another version of this script?)")
+        raise ValueError(f"{path}: unknown settings {unknown}; the keys are TrainConfig's fields, as in a run's "
+                         f"config.json (written by another version of this script?)")
     return saved
 
 
