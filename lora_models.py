@@ -589,7 +589,11 @@ class LoRAGPT(nn.Module):
         """Base GPT-2 (a folder or a GPT) + an adapter folder saved by PEFT or by us. A folder
         of several adapters (PEFT's layout): the one at its root, or adapter_name's subfolder."""
         adapter_dir = Path(adapter_dir)
-        if adapter_name != "default" and (adapter_dir / adapter_name / ADAPTER_CONFIG).is_file():
+        if adapter_name != "default":  # PEFT's layout: the others in subfolders named after them
+            if not (adapter_dir / adapter_name / ADAPTER_CONFIG).is_file():
+                found = sorted(p.parent.name for p in adapter_dir.glob(f"*/{ADAPTER_CONFIG}"))
+                raise FileNotFoundError(f"{adapter_dir / adapter_name / ADAPTER_CONFIG}: missing; the adapters in "
+                                        f"{adapter_dir} are {(['default'] if (adapter_dir / ADAPTER_CONFIG).is_file() else []) + found}")
             adapter_dir = adapter_dir / adapter_name
         read_adapter_config(adapter_dir)  # the cheap checks first
         base_model = base if isinstance(base, GPT) else GPT.from_pretrained(base)

@@ -9,7 +9,9 @@
 
 --model is a GPT-2 folder (config.json + model.safetensors; default ./gpt2, downloaded
 if missing and online), or a merged export (LoRAGPT.export_merged). --adapter is a LoRA
-adapter folder in PEFT's format, saved by us or by PEFT.
+adapter folder in PEFT's format, saved by us or by PEFT (any target selection, modules_to_save);
+in a folder of several adapters (PEFT's layout: "default" at its root, others in subfolders
+named after them) --adapter-name picks one.
 
 The prompt is the training prompt, "Context: ...\\nQuestion: ...\\nAnswer:"
 (gpt2_lora_dataset.encode_prompt, which cuts a long context to fit --max-length); the
@@ -38,9 +40,9 @@ DEMO_ADAPTER = Path("checkpoints/demo/adapter")
 # ----------------------------------------------------------------------------
 # Loading
 
-def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto"):
-    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given,
-    on `device` in `precision` (runtime.prepare).
+def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto", adapter_name="default"):
+    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given
+    (adapter_name: which one of a multi-adapter folder), on `device` in `precision` (runtime.prepare).
 
     Errors (missing folder, bad checkpoint, adapter made for another model) are
     FileNotFoundError / ValueError / RuntimeError whose message names the file.
@@ -52,7 +54,7 @@ def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="aut
     model_dir = ensure_gpt2(model_dir)
     model = GPT.from_pretrained(model_dir)
     if adapter_dir is not None:
-        model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0)
+        model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0, adapter_name=adapter_name)
     return runtime.prepare(model, device, precision).eval(), load_tokenizer(model_dir)
 
 
@@ -213,6 +215,9 @@ if __name__ == "__main__":
                              "(downloaded if missing); with no question given and no ./gpt2, the model of "
                              "`make demo` in checkpoints/demo")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder in PEFT's format (ours or PEFT's)")
+    parser.add_argument("--adapter-name", default="default",
+                        help="in a folder of several adapters (PEFT's layout), the one to use: its subfolder's name "
+                             "(default: the one at the folder's root)")
     parser.add_argument("--context", default=None, help="answer one question about this text (with --question)")
     parser.add_argument("--question", default=None, help="the question about --context")
     parser.add_argument("--data", default=None, help="SQuAD v1.1 JSON file: answer all its questions and score them")
@@ -291,10 +296,11 @@ if __name__ == "__main__":
             examples = [SquadExample("question", "", args.context, args.question, [], -1)]
         else:
             examples = demo_examples()
-        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision)
+        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision, args.adapter_name)
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
     print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
+          (f" ({args.adapter_name})" if adapter_dir and args.adapter_name != "default" else "") +
           f"; {runtime.describe(model)}", file=sys.stderr)
     gen["max_length"] = min(args.max_length, model.config.n_positions)  # what answer_questions uses; recorded
 
