@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
@@ -13,6 +14,8 @@ from backend.jittor_env import jt
 from GPT2_jittor import GPT
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
+from test_generation import load_model
+from training.train_config import TrainConfig, UsageError, check, lora_targets, parse_args
 
 NAME = "tiny"  # 3 blocks, n_embd 64
 
@@ -182,6 +185,10 @@ def test_multi_adapter_folder_both_ways(hf_checkpoints, impl, tmp_path):
     base = make_hf_model(NAME)
     with ours.disable_adapter():
         diffs["disabled vs GPT-2"] = max_diff(logits(ours, ids, mask), peft_logits(base, ids, mask), mask)
+    # test_generation --adapter FOLDER --adapter-name second: that one adapter of the folder
+    chosen, _ = load_model(hf_checkpoints(NAME), tmp_path / "peft", device="cpu", adapter_name="second")
+    pm.set_adapter("second")
+    diffs["test_generation second"] = max_diff(logits(chosen, ids, mask), peft_logits(pm, ids, mask), mask)
     ours.save_lora_weights(tmp_path / "ours")
     back = PeftModel.from_pretrained(make_hf_model(NAME), str(tmp_path / "ours")).eval()
     back.load_adapter(str(tmp_path / "ours" / "second"), "second")
@@ -243,3 +250,63 @@ def test_adapter_management_errors(hf_checkpoints, tmp_path):
     ours.save_lora_weights(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"second/adapter_config.json: missing; the adapters in .* are \['default'\]"):
         LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path, adapter_name="second")
+
+
+# --- the command line of both training scripts ----------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["--target-modules", r"transformer\.h\.[01]\.(attn\.c_attn|mlp\.c_fc)", "--modules-to-save", "ln_f,ln_2"],
+    ["--targets", "c_attn,c_fc", "--exclude-modules", "h.0.mlp.c_fc", "--layers-to-transform", "0,1",
+     "--layers-pattern", "h"],
+    ["--targets", "c_proj", "--exclude-modules", r".*\.attn\..*"],
+])
+def test_cli_options_select_what_peft_selects(hf_checkpoints, argv):
+    cfg = parse_args(argv)[0]
+    check(cfg)
+    kw = lora_targets(cfg)  # what both scripts pass: ours to LoRAConfig, train_pytorch_lora.py to PEFT's LoraConfig
+    pm = peft_model({"default": dict(r=2, lora_alpha=4, **kw)})
+    ours = LoRAGPT(GPT.from_pretrained(hf_checkpoints(NAME)), LoRAConfig(r=2, alpha=4, **kw))
+    mine, theirs = our_targets(ours, "default"), peft_targets(pm, "default")
+    print(f"\n{' '.join(argv)}: {sorted(mine)} saved {sorted(ours._saved['default'])}")
+    assert mine.keys() == theirs.keys()
+    assert sorted(ours._saved["default"]) == sorted(n[len("base_model.model.transformer."):-len(".modules_to_save.default.weight")]
+                                                   for n, _ in pm.named_parameters() if n.endswith(".modules_to_save.default.weight"))
+
+
+def test_cli_refuses_layers_with_a_regex():
+    with pytest.raises(UsageError, match="--layers-to-transform / --layers-pattern need comma-separated --targets"):
+        check(parse_args(["--target-modules", ".*c_attn", "--layers-to-transform", "0"])[0])
+    with pytest.raises(UsageError, match="--layers-to-transform must be comma-separated block indices"):
+        check(parse_args(["--layers-to-transform", "first"])[0])
+
+
+def test_both_training_scripts_train_the_selection(tmp_path):
+    """train_default_lora.py with --target-modules/--exclude-modules/--modules-to-save for 2 steps:
+    PEFT loads the adapter it writes with our logits, and train_pytorch_lora.py builds the same
+    LoRA layers and the same saved module from the same options."""
+    import train_default_lora
+    import train_pytorch_lora
+    from helpers import write_sample_split
+    from transformers import GPT2LMHeadModel
+    train_file, eval_file = write_sample_split(tmp_path)
+    out = tmp_path / "run"
+    cfg = TrainConfig(random_base="n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1",
+                      train_file=str(train_file), eval_file=str(eval_file), output_dir=str(out), max_length=160,
+                      batch_size=4, max_steps=2, eval_interval=50, save_interval=50, eval_examples=4,
+                      gen_eval_examples=0, lr=1e-2, dropout=0.0, r=4, alpha=8, targets="c_attn,c_fc",
+                      exclude_modules="h.1.mlp.c_fc", modules_to_save="ln_f")
+    train_default_lora.train(cfg, progress=False)
+    saved = set(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    base = out / "base_model"
+    pm = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(base)), str(out / "adapter")).eval()
+    ours, _ = load_model(base, out / "adapter", device="cpu")
+    ids, mask, _ = answer_batch(5)
+    d = max_diff(logits(ours, ids, mask), peft_logits(pm, ids, mask), mask)
+    ref, _ = train_pytorch_lora.build_model(train_pytorch_lora.reference_config(cfg), out)
+    ref_layers = {n[len("base_model.model.transformer."):] for n, m in ref.named_modules() if isinstance(m, LoraLayer)}
+    our_layers = {k[len("base_model.model.transformer."):-len(".lora_A.weight")] for k in saved if k.endswith(".lora_A.weight")}
+    print(f"\ntrain_default_lora.py, 2 steps: adapter {sorted(our_layers)} + {sorted(k for k in saved if 'ln_f' in k)}; "
+          f"PEFT loads it: max |logits diff| {d:.2e}; train_pytorch_lora.py builds the same layers: {ref_layers == our_layers}")
+    assert our_layers == {"h.0.attn.c_attn", "h.1.attn.c_attn", "h.0.mlp.c_fc"} == ref_layers
+    assert "base_model.model.transformer.ln_f.weight" in saved and "ln_f.modules_to_save" in str(dict(ref.named_modules()).keys())
+    assert d <= 1e-4
