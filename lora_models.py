@@ -270,18 +270,21 @@ class LoRAGPT(nn.Module):
 
     def _build(self, adapter_name, cfg):
         targets, saved = self._select(adapter_name, cfg)
-        states = {}
+        states, new_layers = {}, False
         for name in targets:
             key = "transformer." + name
             r = pattern_value(cfg.rank_pattern, key, cfg.r)
             if r == 0:
                 continue  # r = 0: no adapter on this module
+            new_layers |= name not in self._layers
             layer = self._layers.get(name) or self._wrap(name)
             # A drawn from (seed, module name): the default adapter's A is the one the training scripts share
             fresh = LoRALinear(layer, r, pattern_value(cfg.alpha_pattern, key, cfg.alpha), cfg.dropout, cfg.init,
                                cfg.use_rslora, enable=cfg.qkv if name.endswith("c_attn") else None, seed=self.seed,
                                name=name if adapter_name == "default" else f"{name}.{adapter_name}")
             states[name] = layer_state(fresh)
+        if new_layers and self.model.fused:  # the new layers run like the rest of the model
+            runtime.prepare(self, precision=runtime.precision_of(self), fused=True)
         copies = {}
         for name, module in saved.items():
             originals = self._originals.setdefault(name, module_params(module))
@@ -297,8 +300,6 @@ class LoRAGPT(nn.Module):
         layer = LoRALinear(module, 0, dropout=0.0)
         setattr(parent, attr, layer)
         self._layers[name], self._empty[name] = layer, layer_state(layer)
-        if self.model.fused:  # the new layer runs like the rest of the model
-            runtime.prepare(self, precision=runtime.precision_of(self), fused=True)
         return layer
 
     def _put(self, adapter):
