@@ -1,6 +1,9 @@
 """Which modules get LoRA, modules_to_save, and several adapters in one model, against PEFT
 0.21 on transformers' GPT-2 (PyTorch CPU). Each test prints the measured difference.
 """
+import io
+from contextlib import redirect_stdout
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +87,11 @@ def test_selected_modules_equal_peft(hf_checkpoints, case):
     assert mine.keys() == theirs.keys()
     assert all(mine[k][0] == theirs[k][0] and abs(mine[k][1] - theirs[k][1]) < 1e-12 for k in mine)
     assert saved_mine == saved_theirs
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        pm.print_trainable_parameters()
+        line = ours.print_trainable_parameters()
+    assert buf.getvalue().splitlines() == [line, line]  # PEFT's count (a saved module's copy included)
 
 
 @pytest.mark.parametrize("kw,message", [
