@@ -123,8 +123,12 @@ def select_modules(cfg, names, where="LoRA config"):
         raise ValueError(f"{where}: layers_pattern {cfg.layers_pattern!r} needs layers_to_transform (as in PEFT)")
     targets = {}
     for key, module in names.items():
-        if key == "transformer" or not check_target_module_exists(cfg, key):
-            continue
+        try:
+            if key == "transformer" or not check_target_module_exists(cfg, key):
+                continue
+        except (re.error, RecursionError, OverflowError) as e:  # a pattern that is no regular expression
+            raise ValueError(f"{where}: a target_modules / exclude_modules / modules_to_save / layers_pattern entry "
+                             f"is not a valid regular expression here ({e})") from None
         if not isinstance(module, (Conv1D, LoRALinear)):
             kind = "the LM head (tied to wte)" if module is None else type(module).__name__
             raise ValueError(f"{where}: target_modules {cfg.target_modules!r:.80} selects {key}, {kind}; LoRA here "

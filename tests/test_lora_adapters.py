@@ -102,6 +102,7 @@ def test_selected_modules_equal_peft(hf_checkpoints, case):
     (dict(target_modules=["c_attn"], layers_pattern="h"), r"layers_pattern 'h' needs layers_to_transform"),
     (dict(target_modules=["c_attn"], modules_to_save=["_attn"]), r"selects transformer.h.0.attn.c_attn, which is"),
     (dict(target_modules=r"nothing\.here"), r"matches no module of GPT-2"),
+    (dict(target_modules=["c_attn"], modules_to_save=["ln_f("]), r"is not a valid regular expression here"),
 ])
 def test_selections_we_cannot_run_are_refused(hf_checkpoints, kw, message):
     with pytest.raises(ValueError, match=message) as e:
