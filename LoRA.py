@@ -38,17 +38,26 @@ class LoRAConfig:
     r: int = 8                    # rank; 0 = no adapter
     alpha: float = 16             # scaling numerator (PEFT: lora_alpha)
     dropout: float = 0.1          # dropout on the adapter's input (PEFT: lora_dropout)
-    target_modules: tuple = ("c_attn", "c_proj", "c_fc")  # PEFT's suffix rule: "c_proj" = both c_proj
+    # Which modules (PEFT's rules on PEFT's names, e.g. "transformer.h.0.attn.c_attn"; lora_models.py,
+    # docs/lora_targets_and_adapters.md): a tuple of names by the suffix rule ("c_proj" = both c_proj)
+    # or a str, a regular expression that must match a whole name.
+    target_modules: tuple = ("c_attn", "c_proj", "c_fc")
     init: str = "kaiming"         # "kaiming" (PEFT default) or "gaussian" (the seed's)
     use_rslora: bool = False      # scaling alpha / sqrt(r) instead of alpha / r
     qkv: tuple = (True, True, True)  # which of c_attn's q, k, v slices get an adapter
     rank_pattern: dict = field(default_factory=dict)   # PEFT: per-module r, by name suffix
     alpha_pattern: dict = field(default_factory=dict)  # PEFT: per-module alpha, by name suffix
+    exclude_modules: tuple = None      # never adapted: names (suffix rule) or a regex (full match)
+    layers_to_transform: tuple = None  # only these block indices (a list target_modules only)
+    layers_pattern: tuple = None       # the name before the index ("h"); unset: the first number
+    modules_to_save: tuple = None      # whole modules trained and saved beside the adapter (e.g. ln_f)
 
     def __post_init__(self):
-        if isinstance(self.target_modules, str):
-            self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
-        self.target_modules, self.qkv = tuple(self.target_modules), tuple(bool(q) for q in self.qkv)
+        # lists as tuples (a str stays: a regular expression); an int layers_to_transform is one layer
+        for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"):
+            if isinstance(getattr(self, key), (list, tuple, set)):
+                setattr(self, key, tuple(getattr(self, key)))
+        self.qkv = tuple(bool(q) for q in self.qkv)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', not {self.init!r}")
         if self.r < 0 or len(self.qkv) != 3 or not any(self.qkv):

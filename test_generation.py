@@ -14,7 +14,9 @@ With neither --model nor --adapter, the newest finished run under checkpoints/ a
 base model gpt2. --model is a GPT-2 folder (config.json + model.safetensors), a hub id
 (gpt2-medium, openai-community/gpt2-large, ...: model_utils.resolve_model) or a merged export
 (LoRAGPT.export_merged). --adapter is a LoRA adapter folder in PEFT's format, saved by us or
-by PEFT; `--adapter none`: the base model alone.
+by PEFT (any target selection, modules_to_save); in a folder of several adapters (PEFT's
+layout: "default" at its root, others in subfolders named after them) --adapter-name picks
+one; `--adapter none`: the base model alone.
 
 The prompt is the training prompt, "Context: ...\\nQuestion: ...\\nAnswer:"
 (gpt2_lora_dataset.encode_prompt, which cuts a long context to fit --max-length); the
@@ -44,9 +46,10 @@ RUNS = Path("checkpoints")  # where training runs write (train_config.TrainConfi
 # ----------------------------------------------------------------------------
 # Loading
 
-def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto", revision=None):
-    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given,
-    on `device` in `precision` (runtime.prepare).
+def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="auto", revision=None,
+               adapter_name="default"):
+    """(model, tokenizer): GPT-2 from `model_dir`, with the LoRA adapter in `adapter_dir` if given
+    (adapter_name: which one of a multi-adapter folder), on `device` in `precision` (runtime.prepare).
 
     Errors (missing folder, bad checkpoint, adapter made for another model) are
     FileNotFoundError / ValueError / RuntimeError whose message names the file.
@@ -58,7 +61,7 @@ def load_model(model_dir="gpt2", adapter_dir=None, device="auto", precision="aut
     model_dir = resolve_model(model_dir, revision)
     model = GPT.from_pretrained(model_dir)
     if adapter_dir is not None:
-        model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0)
+        model = LoRAGPT.from_pretrained(model, adapter_dir, dropout=0.0, adapter_name=adapter_name)
     return runtime.prepare(model, device, precision).eval(), load_tokenizer(model_dir)
 
 
@@ -271,6 +274,9 @@ def build_parser():
     add("--revision", default=None, help="hub revision of --model: branch, tag or commit (default: main)")
     add("--adapter", default=None, help="LoRA adapter folder in PEFT's format (ours or PEFT's); 'none': the base "
                                         "model alone (default: the newest finished run's adapter/ under checkpoints/)")
+    add("--adapter-name", default="default",
+        help="in a folder of several adapters (PEFT's layout), the one to use: its subfolder's name "
+             "(default: the one at the folder's root)")
     add = parser.add_argument_group("questions").add_argument
     add("--context", default=None, help="answer one question about this text (with --question)")
     add("--question", default=None, help="the question about --context")
@@ -384,13 +390,14 @@ if __name__ == "__main__":
             examples = [SquadExample("question", "", args.context, args.question, [], -1)]
         elif demo_mode:
             examples = demo_examples()
-        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision, revision)
+        model, tokenizer = load_model(model_dir, adapter_dir, args.device, args.precision, revision, args.adapter_name)
     except (OSError, ValueError, RuntimeError) as e:
         fail(f"no model found: run `make demo` (writes checkpoints/demo) or pass --model; {e}"
              if args.model is None and adapter_dir is None and model_dir == "gpt2" else e)
     if chosen:  # said once the model is there (an error stays one line)
         print(chosen, file=sys.stderr)
     print(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
+          (f" ({args.adapter_name})" if adapter_dir and args.adapter_name != "default" else "") +
           f"; {runtime.describe(model)}", file=sys.stderr)
     gen["max_length"] = min(args.max_length, model.config.n_positions)  # what answer_questions uses; recorded
 

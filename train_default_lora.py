@@ -67,7 +67,7 @@ from plot_loss import plot_runs
 from test_generation import answer_questions, score_run
 from training.tensorboard_log import NoLog, TensorBoardLog
 from training.train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check,
-                          learning_rate, parse_args, read_saved_config, total_steps)
+                          learning_rate, lora_targets, parse_args, read_saved_config, total_steps)
 from training.train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
                          latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
                          remove_leftovers, restore_checkpoint, save_checkpoint, stop_at, truncate_log, write_folder,
@@ -250,7 +250,7 @@ def build_model(cfg, out):
     save = save_base_model if distributed.is_main else (lambda *args: None)
     base_dir = base_model_dir(cfg, out, log, save=save)
     distributed.barrier()
-    lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets,
+    lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, **lora_targets(cfg),
                           init=cfg.init, use_rslora=cfg.rslora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
     # A drawn from NumPy by (--seed, module name): the same start as train_pytorch_lora.py's,

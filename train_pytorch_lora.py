@@ -63,7 +63,7 @@ from plot_loss import plot_runs
 from test_generation import score_run
 from gpt2_config import parse_shape
 from training.train_config import (DEMO_OVERRIDES, TrainConfig, UsageError, adapter_steps, check, learning_rate, parse_args,
-                          total_steps)
+                          lora_targets, total_steps)
 
 INSTALL = ("train_pytorch_lora.py is the PyTorch reference run and needs PyTorch, transformers and PEFT "
            "(test dependencies of this project, not runtime ones): pip install -r requirements-test.txt "
@@ -88,7 +88,7 @@ def build_model(cfg, out, dtype="float32"):
         {k: cfg.model_dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}  # GPT-2's own
     base = GPT2LMHeadModel.from_pretrained(str(base_dir), dtype=getattr(torch, dtype), **dropout)
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, fan_in_fan_out=True,
-                          target_modules=[t.strip() for t in cfg.targets.split(",") if t.strip()],
+                          **lora_targets(cfg),
                           use_rslora=cfg.rslora, init_lora_weights=True if cfg.init == "kaiming" else cfg.init,
                           task_type="CAUSAL_LM")
     model = get_peft_model(base, peft_cfg)

@@ -350,8 +350,9 @@ def prepare_model(cfg):
         from LoRA import LoRAConfig
         from lora_models import LoRAGPT
         from train_default_lora import parse_shape
+        from training.train_config import lora_targets
         _models["m"] = LoRAGPT(GPT(GPTConfig(**parse_shape(cfg.random_base))),
-                               LoRAConfig(r=cfg.r, alpha=cfg.alpha, target_modules=cfg.targets))
+                               LoRAConfig(r=cfg.r, alpha=cfg.alpha, **lora_targets(cfg)))
         # Jittor draws random numbers when an op runs, not when it is built: random init ops
         # left pending here would run inside the next training run and shift its dropout masks.
         jt.sync_all(True)

@@ -18,7 +18,7 @@ from train_default_lora import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=256,initializer_range=0.1"
 TARGETS = ("a comma-separated list of GPT-2 projections (c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj, "
-           "optionally with a layer, e.g. h.0.attn.c_attn)")
+           "optionally with a layer, e.g. h.0.attn.c_attn) or a regular expression")
 
 # extra arguments -> the message after "error: "
 USAGE_ERRORS = {

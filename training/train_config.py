@@ -39,7 +39,18 @@ class TrainConfig:
     r: int = option(8, "LoRA rank")
     alpha: float = option(16, "LoRA alpha: scaling = alpha / r")
     dropout: float = option(0.1, "dropout on the LoRA input (0 = off)")
-    targets: str = option("c_attn,c_proj,c_fc", "comma-separated module names (PEFT suffix rule)")
+    targets: str = option("c_attn,c_proj,c_fc", "which modules get LoRA: comma-separated "
+                                                "names (PEFT's suffix rule), or a regular expression that must "
+                                                "match a whole PEFT name such as transformer.h.0.attn.c_attn")
+    # which modules, beyond --targets (PEFT's LoraConfig fields of these names; lora_targets() below)
+    exclude_modules: str = option("", "modules never adapted: comma-separated names (suffix rule) or a regular "
+                                      "expression (full match)")
+    layers_to_transform: str = option("", "adapt only these blocks, comma-separated indices, e.g. 0,1 "
+                                          "(with comma-separated --targets)")
+    layers_pattern: str = option("", "the module list holding the blocks (GPT-2: h); unset: the first numbered "
+                                     "part of a name")
+    modules_to_save: str = option("", "whole modules trained and saved beside the adapter, comma-separated "
+                                      "(PEFT's rule: every module whose name ends so), e.g. ln_f")
     qv_only: bool = option(False, "on c_attn, adapt only the q and v slices (loralib-style), like the seed's qv_only")
     init: str = option("kaiming", "LoRA A init: kaiming (PEFT default) or gaussian (the seed's)")
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
@@ -122,7 +133,7 @@ CHOICES = {"init": ("kaiming", "gaussian"), "schedule": ("cosine", "linear", "co
            "report_to": ("none", "tensorboard")}
 # What the targets may name: GPT-2's projections, alone or with their parents (PEFT's suffix
 # rule), e.g. c_attn, mlp.c_proj, h.0.attn.c_attn.
-TARGET_NAME = re.compile(r"((h\.)?\d+\.)?(((attn\.)?c_attn)|((attn|mlp)\.)?c_proj|((mlp\.)?c_fc))")
+TARGET_NAME = re.compile(r"(transformer\.)?((h\.)?\d+\.)?(((attn\.)?c_attn)|((attn|mlp)\.)?c_proj|((mlp\.)?c_fc))")
 # name -> (accepted?, the range in words); floats must also be finite.
 RANGES = {
     **{name: (lambda v: v >= 1, "at least 1") for name in AT_LEAST_ONE},
@@ -156,10 +167,22 @@ def check(cfg):
             bad(f.name, RANGES[f.name][1], value)
         if f.name in CHOICES and value not in CHOICES[f.name]:
             bad(f.name, " or ".join(CHOICES[f.name]), value)
-    targets = [t.strip() for t in cfg.targets.split(",")]
-    if not all(TARGET_NAME.fullmatch(t) for t in targets):
+    if not is_regex(cfg.targets) and not all(TARGET_NAME.fullmatch(t.strip()) for t in cfg.targets.split(",")):
         bad("targets", "a comma-separated list of GPT-2 projections (c_attn, c_proj, c_fc, attn.c_proj, "
-                       "mlp.c_proj, optionally with a layer, e.g. h.0.attn.c_attn)", cfg.targets)
+                       "mlp.c_proj, optionally with a layer, e.g. h.0.attn.c_attn) or a regular expression", cfg.targets)
+    for name in ("targets", "exclude_modules"):
+        if is_regex(getattr(cfg, name)):
+            try:
+                re.compile(getattr(cfg, name))
+            except re.error as e:
+                bad(name, f"a valid regular expression ({e})", getattr(cfg, name))
+    if cfg.layers_to_transform and not re.fullmatch(r"\d+(,\d+)*", cfg.layers_to_transform.replace(" ", "")):
+        bad("layers_to_transform", "comma-separated block indices (e.g. 0,1)", cfg.layers_to_transform)
+    if (cfg.layers_to_transform or cfg.layers_pattern) and is_regex(cfg.targets):
+        raise UsageError("--layers-to-transform / --layers-pattern need comma-separated --targets, not a regular "
+                         "expression (PEFT's rule)")
+    if cfg.layers_pattern and not cfg.layers_to_transform:
+        raise UsageError("--layers-pattern needs --layers-to-transform")
     if cfg.max_length < MIN_MAX_LENGTH:
         bad("max_length", f"at least {MIN_MAX_LENGTH} (the shortest prompt + answer)", cfg.max_length)
     if (cfg.gen_eval_examples or cfg.train_gen_eval_examples) \
@@ -172,6 +195,30 @@ def check(cfg):
         adapter_steps(cfg)
     except ValueError:
         bad("adapter_steps", "comma-separated step numbers of at least 1 (e.g. 1,10,100)", cfg.adapter_steps)
+
+
+# A --targets / --exclude-modules value with one of these is a regular expression (PEFT: a str);
+# without, a comma-separated list of names (PEFT: a list). "." belongs to names (attn.c_proj).
+REGEX_CHARS = set("*+?()[]{}|^$\\")
+
+
+def is_regex(text):
+    return bool(REGEX_CHARS & set(text))
+
+
+def names_or_regex(text):
+    """A command-line value as PEFT takes it: a regular expression (str), a list of names, or None."""
+    if not text:
+        return None
+    return text if is_regex(text) else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def lora_targets(cfg):
+    """The which-modules fields of both LoRA configs (ours and PEFT's LoraConfig take these names)."""
+    return dict(target_modules=names_or_regex(cfg.targets), exclude_modules=names_or_regex(cfg.exclude_modules),
+                layers_to_transform=[int(i) for i in cfg.layers_to_transform.split(",")] if cfg.layers_to_transform else None,
+                layers_pattern=cfg.layers_pattern or None,
+                modules_to_save=[m.strip() for m in cfg.modules_to_save.split(",") if m.strip()] or None)
 
 
 def adapter_steps(cfg):
@@ -194,7 +241,8 @@ CLI_GROUPS = {
               "random_base": (), "demo": ()},
     "LoRA": {"r": ("--lora-r",), "alpha": ("--lora-alpha",), "dropout": ("--lora-dropout",),
              "targets": ("--target-modules",), "qv_only": (), "init": ("--init-lora-weights",),
-             "rslora": ("--use-rslora",)},
+             "rslora": ("--use-rslora",), "exclude_modules": (), "layers_to_transform": (), "layers_pattern": (),
+             "modules_to_save": ()},
     "data": {"train_file": (), "eval_file": ("--eval-file", "--validation-file"),
              "max_length": ("--max-length", "--max-seq-length"),
              "max_train_examples": ("--max-train-examples", "--max-train-samples"), "loss_on": (),
