@@ -360,7 +360,8 @@ def materialise_grads(opt, *also):
     are lazy: opt.backward() only records `grad += this micro-batch's gradient`, and each
     pending sum keeps its micro-batch's whole graph (activations included) alive until
     opt.step(), so memory grew with --grad-accum (loss.item() runs only the forward; Jittor
-    issue 602). The same operations run, only earlier: the gradients are the same bits."""
+    issue 602). The same operations run, only earlier (Jittor fuses them differently, so the
+    gradients can differ in float32 rounding: tests/test_gpu_path.py measures it)."""
     jt.sync([*also, *(g for pg in opt.param_groups for g in pg.get("grads", ()))])
 
 

@@ -128,6 +128,9 @@ def layout(kit, wheels, base):
                 (lib64 / f"lib{name}.so").symlink_to(versioned[0].name)
         stamp.write_text(json.dumps(names))
     nvcc = home / "bin" / "nvcc"
+    if not nvcc.exists():
+        say(f"layout: {home} (no nvcc in these wheels)")
+        return home
     r = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"layout: {nvcc} --version failed: {first_error(r.stderr + r.stdout)}")
@@ -179,21 +182,21 @@ def jittor_env(home, site, jthome, nvcc_log):
 def build_core(home, site, base):
     """`import jittor` with CUDA: compiles the core with nvcc. Returns (result line, core nvcc commands)."""
     jthome, log = base / "jthome", base / "core_nvcc.log"
-    jthome.mkdir(exist_ok=True)
-    log.unlink(missing_ok=True)
+    jthome.mkdir(exist_ok=True)  # (the log is kept: a core cached by an earlier run logs no command now)
     t = time.time()
     r = subprocess.run([sys.executable, "-c", "import jittor"], env=jittor_env(home, site, jthome, log),
                        capture_output=True, text=True, timeout=3600, cwd=base)
     out = r.stdout + r.stderr
     (base / "core_import.log").write_text(out)
     cores = list(jthome.rglob("jittor_core*.so"))
-    cmds = [l for l in log.read_text().splitlines()] if log.is_file() else []
-    n_files = sum(" -c " in f" {c} " for c in cmds)
+    cmds = log.read_text().splitlines() if log.is_file() else []
+    n_files = len(re.findall(r"^Compiling jittor_core\((\d+)/\1\)", out, re.M)) and int(
+        re.findall(r"^Compiling jittor_core\((\d+)/\1\)", out, re.M)[-1])
     dt = time.time() - t
     if r.returncode == 0:
-        return f"compiled and loaded ({n_files} nvcc compiles, {dt:.0f} s)", cmds
+        return f"compiled and loaded ({n_files or 'cached'} files, {dt:.0f} s)", cmds
     if cores and re.search(r"cudaErrorInsufficientDriver|insufficient for CUDA runtime|no CUDA-capable device", out):
-        return (f"compiled ({n_files} nvcc compiles, {dt:.0f} s); loading it stops at "
+        return (f"compiled ({n_files or 'cached,'} files, {dt:.0f} s); loading it stops at "
                 f"{'cudaErrorInsufficientDriver' if 'InsufficientDriver' in out else 'no device'}, as it must without a GPU"), cmds
     return f"FAILED after {dt:.0f} s: {first_error(out)}", cmds
 
@@ -235,7 +238,12 @@ def jit_src(src, keys):
                     if not k.startswith("JIT") and k not in ("CODE", "HEADER"))
     pos = body.rfind("#include")
     pos = 0 if pos < 0 else body.find("\n", pos) + 1
-    return begin + body[:pos] + after + body[pos:] + "\n"
+    src = begin + body[:pos] + after + body[pos:] + "\n"
+    if "float16" in src:  # FP16OpType::post_pass (src/type/fp16_op_type.cc): the half types' header
+        pos = src.rfind("#include")
+        pos = 0 if pos < 0 else src.find("\n", pos) + 1
+        src = src[:pos] + '#include "type/fp16_compute.h"\n' + src[pos:]
+    return src
 
 for name, keys in specs["extern"]:
     out[name] = jit_src(open(f"{jroot}/extern/cuda/{name.split('|')[0]}").read(), keys)
@@ -365,7 +373,7 @@ def main(argv=None):
     home = layout(kit, fetch(kit, WORK / f"wheels-cu{args.cuda}"), base)
     parts["CUDA APIs Jittor uses that CUDA 13 removed (headers)"] = api_check(home)
     nvcc = home / "bin" / "nvcc"
-    if not (nvcc.is_file() or nvcc.is_symlink()) or not os.access(home / "bin" / "nvcc", os.X_OK):
+    if not nvcc.exists():
         parts["nvcc"] = (f"not in the package index's wheels for CUDA {report['cuda']} "
                          f"({', '.join(w for w in kit['wheels'] if 'nvcc' in w)} holds only ptxas): nothing compiled")
         return finish(report, base, t0)
