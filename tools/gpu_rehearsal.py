@@ -190,13 +190,13 @@ def build_core(home, site, base):
     (base / "core_import.log").write_text(out)
     cores = list(jthome.rglob("jittor_core*.so"))
     cmds = log.read_text().splitlines() if log.is_file() else []
-    n_files = len(re.findall(r"^Compiling jittor_core\((\d+)/\1\)", out, re.M)) and int(
-        re.findall(r"^Compiling jittor_core\((\d+)/\1\)", out, re.M)[-1])
+    done = re.findall(r"^Compiling jittor_core\((\d+)/\1\)", out, re.M)  # Jittor's progress lines
     dt = time.time() - t
+    what = f"{done[-1]} files" if done else "cached by an earlier run"
     if r.returncode == 0:
-        return f"compiled and loaded ({n_files or 'cached'} files, {dt:.0f} s)", cmds
+        return f"compiled and loaded ({what}, {dt:.0f} s)", cmds
     if cores and re.search(r"cudaErrorInsufficientDriver|insufficient for CUDA runtime|no CUDA-capable device", out):
-        return (f"compiled ({n_files or 'cached,'} files, {dt:.0f} s); loading it stops at "
+        return (f"compiled ({what}, {dt:.0f} s); loading it stops at "
                 f"{'cudaErrorInsufficientDriver' if 'InsufficientDriver' in out else 'no device'}, as it must without a GPU"), cmds
     return f"FAILED after {dt:.0f} s: {first_error(out)}", cmds
 
