@@ -21,7 +21,7 @@ from jittor import nn
 import GPT2_jittor
 from GPT2_jittor import GPT, MASK_FILL
 from model_utils import IGNORE_INDEX
-from tests.helpers import batch_with_padding, measured, norm_err
+from helpers import batch_with_padding, measured, norm_err
 
 
 def masked_scores(rng, B=2, H=3, T=9):
