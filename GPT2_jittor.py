@@ -104,12 +104,22 @@ assert tuple(ACTIVATIONS) == ACTIVATION_FUNCTIONS  # the names GPTConfig accepts
 
 # The score given to masked keys. transformers fills with finfo(float32).min; on a fully
 # masked row (the query of a left pad) every softmax must then give uniform weights, but
-# Jittor's CUDA softmax starts its running maximum at -1e30, so such a row becomes
-# exp(-3.4e38 + 1e30) = 0 everywhere and 0/0 = NaN, which a zero weight in P V then carries
-# into the real positions of the next layer. -1e9 lies far above that floor (a fully masked
-# row is uniform in every softmax) and far below any real score (exp(-1e9 - s) is exactly 0,
-# as with transformers' fill). It is a float32 value: the scores are masked in float32.
+# Jittor's CUDA softmax (jt.nn.softmax, not used here: see softmax()) starts its running
+# maximum at -1e30, so such a row becomes exp(-3.4e38 + 1e30) = 0 everywhere and 0/0 = NaN.
+# -1e9 lies far above that floor (a fully masked row is uniform in every softmax) and far
+# below any real score (exp(-1e9 - s) is exactly 0, as with transformers' fill). It is a
+# float32 value: the scores are masked in float32.
 MASK_FILL = -1e9
+
+
+def softmax(x):
+    """Softmax over the last axis, in plain operations: the formula jittor.nn.softmax computes on
+    the CPU (so the same bits there), on every device. On CUDA jt.nn.softmax is instead a cub
+    kernel (jittor/other/code_softmax.py) that does not compile with CUDA 13's cub (cub::Max is
+    gone) without tools/jittor_cuda_fix.py; these ops compile with any CUDA. The row maximum is
+    a real score or MASK_FILL, so no row divides 0 by 0."""
+    e = (x - x.max(-1, keepdims=True)).exp()
+    return e / e.sum(-1, keepdims=True)
 
 
 def causal_attention(q, k, v, key_mask, attn_drop):
@@ -129,7 +139,7 @@ def causal_attention(q, k, v, key_mask, attn_drop):
         allowed = allowed & (key_mask.reshape(B, 1, 1, Tk) > 0)
     # Replace (not add), as transformers does: a fully masked row gets uniform weights.
     att = jt.where(allowed, att, jt.float32(MASK_FILL))
-    att = attn_drop(nn.softmax(att, dim=-1))
+    att = attn_drop(softmax(att))
     return as_dtype(att, v.dtype) @ v  # (B, H, Tq, D)
 
 
@@ -300,14 +310,21 @@ class GPT(nn.Module):
         if self.fused:  # h @ wte^T without a transposed copy of the (vocab, C) table (154 MB for GPT-2)
             return cpu_kernels.matmul(flat, self.wte.weight, trans_b=True).reshape(*h.shape[:-1], -1)
         w = self.wte.weight
-        return as_dtype(as_dtype(flat, w.dtype) @ w.t(), "float32").reshape(*h.shape[:-1], -1)
+        if jt.flags.use_cuda:  # Jittor's matmul tuner sends this broadcast-multiply-sum to cuBLAS
+            logits = nn.matmul_transpose(as_dtype(flat, w.dtype), w)  # with b transposed: no copy of wte^T
+        else:  # (on the CPU the same form would run as Jittor's generic loops)
+            logits = as_dtype(flat, w.dtype) @ w.t()
+        return as_dtype(logits, "float32").reshape(*h.shape[:-1], -1)
 
     def supervised_hidden(self, idx, targets, attention_mask):
         """(final hidden states, targets) at the supervised positions, in row-major (b, t) order."""
         h, _ = self.transformer(idx, attention_mask)
-        flat_targets = targets.reshape(-1)
-        keep = jt.where(flat_targets != IGNORE_INDEX)[0]
-        return h.reshape(-1, h.shape[-1])[keep], flat_targets[keep]
+        # the supervised positions on the host (the targets are input data, no compute to wait
+        # for): jt.where(cond) would be cub's DeviceSelect on CUDA (which CUDA 13's cub cannot
+        # compile without tools/jittor_cuda_fix.py) and a device-to-host copy every step
+        flat_targets = targets.numpy().reshape(-1)
+        keep = jt.array(np.flatnonzero(flat_targets != IGNORE_INDEX).astype(np.int32))
+        return h.reshape(-1, h.shape[-1])[keep], targets.reshape(-1)[keep]
 
     def supervised_hidden_packed(self, idx, targets, attention_mask):
         """supervised_hidden() computed on the real tokens only (cpu_kernels.PackedRows), or
@@ -375,8 +392,10 @@ class GPT(nn.Module):
             for _ in range(max_new_tokens):
                 h = last_hidden(step_in, mask)  # (B, C)
                 nxt = head.next_tokens(h) if head is not None else None
-                if nxt is None:
-                    logits = self.lm_head(h).numpy().astype(np.float64)  # (B, vocab)
+                if nxt is None and temperature == 0.0:  # greedy: argmax on the device, B token ids to the host
+                    nxt = self.lm_head(h).argmax(-1)[0].numpy().astype(np.int64)
+                elif nxt is None:  # sampling: the (B, vocab) logits to the host
+                    logits = self.lm_head(h).numpy().astype(np.float64)
                     nxt = pick_next_token(logits, temperature, top_k, top_p, rng)
                 if eos_token_id is not None:
                     nxt = np.where(done, eos_token_id, nxt)

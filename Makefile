@@ -59,3 +59,15 @@ $(VENV)/.test-installed: requirements.txt requirements-test.txt constraints.txt 
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# --- Jittor on CUDA without a GPU (docs/gpu.md). Not part of `make test`: the first run downloads
+# CUDA 13.0's compiler, headers, cuBLAS and cuRAND from the package index (about 525 MB, cached in
+# .gpu-rehearsal/, ignored by git), installs Jittor 1.3.11 there, applies tools/jittor_cuda_fix.py
+# and compiles Jittor's core, its cuBLAS / cuRAND / cub operators and its softmax kernels with nvcc.
+.PHONY: gpu-rehearsal gpu-rehearsal-cu12 gpu-rehearsal-stock
+gpu-rehearsal: test-setup
+	$(BIN)/python tools/gpu_rehearsal.py --cuda 13
+gpu-rehearsal-stock: test-setup   # stock Jittor with CUDA 13: where it fails
+	$(BIN)/python tools/gpu_rehearsal.py --cuda 13 --no-fix
+gpu-rehearsal-cu12: test-setup    # CUDA 12.9's wheels: headers only (the index has no CUDA 12 nvcc)
+	$(BIN)/python tools/gpu_rehearsal.py --cuda 12

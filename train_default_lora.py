@@ -387,6 +387,7 @@ def optimizer_step(run, batch):
                                 attention_mask=jt.array(b["attention_mask"]))
             part = loss * (n / n_total)
             opt.backward(part if scaler is None else scaler.scale_loss(part))
+            materialise_grads(opt, loss)
             loss_sum += loss.item() * n
         if not mine:  # a short last batch left this rank nothing: it adds zero gradients
             opt.backward(sum(p.sum() for p in model.trainable_parameters()) * 0.0)
@@ -411,6 +412,16 @@ def optimizer_step(run, batch):
         scaler.step(opt)  # skipped when a gradient was not finite
         scaler.update()
     return loss, sum(len(features[i].input_ids) for i in batch)
+
+
+def materialise_grads(opt, *also):
+    """Run the backward of the micro-batch just given to opt.backward() now. Jittor's gradients
+    are lazy: opt.backward() only records `grad += this micro-batch's gradient`, and each
+    pending sum keeps its micro-batch's whole graph (activations included) alive until
+    opt.step(), so memory grew with --grad-accum (loss.item() runs only the forward; Jittor
+    issue 602). The same operations run, only earlier (Jittor fuses them differently, so the
+    gradients can differ in float32 rounding: tests/test_gpu_path.py measures it)."""
+    jt.sync([*also, *(g for pg in opt.param_groups for g in pg.get("grads", ()))])
 
 
 def clip_grad_norm(opt, max_norm):

@@ -147,4 +147,7 @@ class KeyedDropout(nn.Dropout):
             return super().execute(x)
         rows = int(np.prod(x.shape[:-1])) if x.ndim != 4 else x.shape[0] * x.shape[2]
         keys, _ = row_keys(rows)
-        return x * keep_scale(tuple(x.shape), self.p, call_seed(), keys).cast(x.dtype)
+        # scaled in float32 and rounded once, as torch and nn.Dropout do: in bf16 the scale itself
+        # would round (bf16(1 / 0.9) = 1.109375, every kept element 0.16% too small)
+        scale = keep_scale(tuple(x.shape), self.p, call_seed(), keys)
+        return x * scale if x.dtype == "float32" else (x.float32() * scale).cast(x.dtype)

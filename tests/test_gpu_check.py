@@ -130,15 +130,46 @@ def test_bundle_holds_what_the_gpu_machine_needs_and_installs_with_pip_target(tm
     wheels = [str(p) for p in (bundle / "wheels").iterdir() if not p.name.startswith("numpy")]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
                     "--target", str(target), *wheels], check=True, timeout=300)
-    compiler = target / "jittor" / "compiler.py"
-    before = compiler.read_text()
-    assert before.count("-std=c++14") > 0
-    assert bash(f"patch_cxx17 {compiler}").returncode == 0
-    after = compiler.read_text()
-    c14, c17 = before.count("-std=c++14"), before.count("-std=c++17")
-    print(f"compiler.py: -std=c++14 x{c14}, -std=c++17 x{c17} -> -std=c++14 x{after.count('-std=c++14')}, "
-          f"-std=c++17 x{after.count('-std=c++17')}")
-    assert after.count("-std=c++14") == 0 and after.count("-std=c++17") == c14 + c17
+    # what `run` applies before the first import, on the wheel's own files (CUDA 13.0, as there)
+    fix = subprocess.run([sys.executable, str(ROOT / "tools" / "jittor_cuda_fix.py"), "--jittor",
+                          str(target / "jittor"), "--cuda", "13.0"], capture_output=True, text=True)
+    print(fix.stdout)
+    assert fix.returncode == 0 and fix.stdout.count(": patched") == fix.stdout.count("\n  ")
+    compiler = (target / "jittor" / "compiler.py").read_text()
+    assert "-std=c++17 -fPIC" in compiler and not any("-std:c++14" in l.split("#")[0] for l in compiler.splitlines())
+
+
+def test_budget_split_leaves_the_checks_their_minutes():
+    cases = {(570, 40, 330, 150): 330, (570, 200, 330, 150): 220, (570, 500, 330, 150): 0}
+    got = {k: int(bash(f"split_budget {' '.join(map(str, k))}").stdout) for k in cases}
+    print(got)
+    assert got == cases
+
+
+def test_probe_reports_what_this_machine_lacks_and_lays_out_a_cuda_home(tmp_path):
+    r = bash("probe", WORK=str(tmp_path / "work"), PATH=f"/nonexistent:{os.environ['PATH']}")
+    print(r.stdout)
+    assert r.returncode == 1 and "gpu: none (no nvidia-smi)" in r.stdout and "python3:" in r.stdout
+    # a CUDA whose libraries are pip wheels: versioned names only, headers under include/cccl
+    tree = tmp_path / "nvidia" / "cu13"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "include" / "cccl" / "cub").mkdir(parents=True)
+    (tree / "include" / "cublas_v2.h").write_text("")
+    (tree / "lib").mkdir()
+    for lib in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10"):
+        (tree / "lib" / lib).write_text("")
+    (tree / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88' \"$@\"\n")
+    (tree / "bin" / "nvcc").chmod(0o755)
+    home = tmp_path / "home"
+    r = bash(f"layout_cuda_home {tree}/bin/nvcc {home} {tree}/include -- {tree}/lib")
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (home / "lib64").iterdir())
+    print(names, sorted(p.name for p in (home / "include").iterdir()))
+    for lib in ("cudart", "cublas", "cublasLt", "curand"):
+        assert (home / "lib64" / f"lib{lib}.so").resolve().is_file()  # the unversioned names Jittor links
+    assert (home / "include" / "cub").is_dir() and (home / "include" / "cublas_v2.h").exists()
+    out = subprocess.run([str(home / "bin" / "nvcc"), "--version"], capture_output=True, text=True).stdout
+    assert "release 13.0" in out  # the wrapper runs the real nvcc
 
 
 # ----------------------------------------------------------------------------

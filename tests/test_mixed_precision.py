@@ -249,7 +249,7 @@ def test_the_cuda_softmax_emulation_reproduces_the_kernel():
 
 def left_padded_logits(precision, ids, mask):
     model = small_lora_model()
-    runtime.prepare(model, "cpu", precision, fused=False)  # the plain formulas call nn.softmax
+    runtime.prepare(model, "cpu", precision, fused=False)  # the plain formulas call GPT2_jittor.softmax
     return model, model(jt.array(ids), attention_mask=jt.array(mask)).numpy()
 
 
@@ -266,7 +266,7 @@ LEFT_PADDED = small_left_padded_batch()
 def test_left_padding_gives_no_nan_under_the_cuda_softmax(monkeypatch, precision):
     ids, mask = LEFT_PADDED
     _, cpu = left_padded_logits(precision, ids, mask)
-    monkeypatch.setattr(GPT2_jittor.nn, "softmax", cuda_softmax)
+    monkeypatch.setattr(GPT2_jittor, "softmax", cuda_softmax)  # what attention calls
     model, cuda = left_padded_logits(precision, ids, mask)
     real = mask.astype(bool)
     diff = np.abs(cuda - cpu)[real].max()
@@ -284,7 +284,7 @@ def test_left_padding_gives_no_nan_under_the_cuda_softmax(monkeypatch, precision
 def test_the_old_fill_gives_nan_at_real_positions_under_the_cuda_softmax(monkeypatch, precision):
     """The test above fails on the fill transformers uses (what causal_attention used before)."""
     ids, mask = LEFT_PADDED
-    monkeypatch.setattr(GPT2_jittor.nn, "softmax", cuda_softmax)
+    monkeypatch.setattr(GPT2_jittor, "softmax", cuda_softmax)  # what attention calls
     monkeypatch.setattr(GPT2_jittor, "MASK_FILL", F32_MIN)
     _, logits = left_padded_logits(precision, ids, mask)
     real = mask.astype(bool)
