@@ -5,9 +5,9 @@
     python test_generation.py --model gpt2-medium --adapter none --context "..." --question "..."
     python test_generation.py --adapter checkpoints/demo/adapter \\
         --context "The Velka River rises in the Orn hills." --question "Where does the Velka rise?"
-    python test_generation.py --adapter ADAPTER_DIR --data ../shared/data/squad/dev-v1.1.json --limit 200
-    python test_generation.py --model MERGED_DIR --data ../shared/data/squad/dev-v1.1.json --output dev_predictions.json
-    python model_utils.py evaluate ../shared/data/squad/dev-v1.1.json predictions.json   # re-score a file
+    python test_generation.py --adapter ADAPTER_DIR --data data/dev-v1.1.json --limit 200
+    python test_generation.py --model MERGED_DIR --data data/dev-v1.1.json --output dev_predictions.json
+    python model_utils.py evaluate data/dev-v1.1.json predictions.json   # re-score a file
 
 With neither --model nor --adapter, the newest finished run under checkpoints/ answers
 (its adapter/ and the base model its config.json names; it says which), else the untuned

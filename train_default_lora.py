@@ -1,10 +1,10 @@
 """Fine-tune GPT-2 with LoRA on SQuAD v1.1 in Jittor: loss on the answer tokens only.
 
 Ready to paste:
-    python train_default_lora.py --demo                       # offline, small random GPT-2, ~2 min
-    python train_default_lora.py                              # ./gpt2 + official SQuAD (downloads when online)
-    python train_default_lora.py --train-file ../shared/data/squad/dev-v1.1-train-split.json \
-        --eval-file ../shared/data/squad/dev-v1.1-heldout-split.json --output-dir checkpoints/run1
+    python train_default_lora.py --demo                       # offline, small random GPT-2 (`make demo`)
+    python train_default_lora.py                              # GPT-2 124M + official SQuAD (downloads when online)
+    python train_default_lora.py --model gpt2-medium --train-file TRAIN.json --eval-file DEV.json \
+        --output-dir checkpoints/run1
     python train_default_lora.py --output-dir checkpoints/run1 --resume     # continue after a stop
     OMP_NUM_THREADS=1 mpirun -np 2 python train_default_lora.py --demo       # 2 processes (README: MPI)
 
