@@ -96,7 +96,7 @@ class TrainConfig:
                                     "Trainer's flag; needs `pip install tensorboard`)")
 
 
-# What --demo changes: a model small enough to train in about a minute on 2 CPU cores.
+# What --demo changes: a model small enough to train in well under a minute on 2 CPU cores.
 # initializer_range 0.1 instead of GPT-2's 0.02: with the frozen random embeddings of a
 # 0.02 init, the tied LM head cannot produce confident logits and the loss stays near ln(V).
 DEMO_OVERRIDES = dict(random_base="n_layer=2,n_head=4,n_embd=128,n_positions=512,initializer_range=0.1",
