@@ -14,6 +14,14 @@ rank-r adapter per enabled slice, which PEFT cannot express directly) is written
 exactly equivalent rank-(r*k) adapter on the whole c_attn: A stacked, B block-structured,
 and rank_pattern / alpha_pattern entries for c_attn so its scaling is unchanged. It loads
 back as that (equivalent) full-c_attn adapter.
+
+Variants (docs/lora_variants.md): DoRA adds `<module>.lora_magnitude_vector` (out,) and
+"use_dora": true, as PEFT writes them. A PiSSA / OLoRA run (whose base is the residual) is
+saved as PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) saves it: the
+plain rank-2r LoRA A' = [A; A0], B' = [B, -B0] with alpha doubled (scaling unchanged),
+which applies to the ORIGINAL base: W_res + s B A = W + s (B A - B0 A0). An unconverted
+PEFT PiSSA adapter (init_lora_weights "pissa") loads as PEFT loads it: the residual is
+recomputed from the base it is given.
 """
 import json
 import math
@@ -28,13 +36,20 @@ from GPT2_jittor import GPT, Conv1D
 from LoRA import LoRAConfig, LoRALinear
 from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
 from backend import runtime
+from training.init_weights import is_residual_init
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model.transformer."   # PeftModel -> LoraModel -> GPT2LMHeadModel
 # adapter_config.json fields with values we do not implement; anything else there is ignored.
-PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None,
+PEFT_UNSUPPORTED = {"bias": "none", "modules_to_save": None,
                     "layers_to_transform": None, "target_parameters": None}
+# adapter_config.json init_lora_weights -> our LoRAConfig.init. An adapter's A and B are in the
+# file, so a plain init only names how training started; "pissa" / "olora" also say that the
+# base must be the residual (recomputed from the base here, as PEFT recomputes it on loading).
+# Other PEFT inits (loftq, eva, corda, orthogonal, lora_ga, mica, and the random
+# "pissa_niter_N", whose residual cannot be recomputed) are refused by name.
+PEFT_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
 def pattern_value(patterns, name, default):
@@ -75,7 +90,8 @@ class LoRAGPT(nn.Module):
                 continue  # r = 0: no adapter on this module
             wrapped = LoRALinear(module, r, alpha, lora_config.dropout, lora_config.init,
                                  lora_config.use_rslora,
-                                 enable=lora_config.qkv if attr == "c_attn" else None, seed=seed, name=name)
+                                 enable=lora_config.qkv if attr == "c_attn" else None, seed=seed, name=name,
+                                 use_dora=lora_config.use_dora)
             setattr(parent, attr, wrapped)
             self.lora_modules[name] = wrapped
         found = {t for t in lora_config.target_modules
@@ -106,14 +122,24 @@ class LoRAGPT(nn.Module):
             p.start_grad()
 
     def lora_state_dict(self):
-        """{"h.0.attn.c_attn.lora_A": Var, ...}: the trainable adapter tensors, our names."""
-        out = {}
-        for name, m in self.lora_modules.items():
-            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A, m.lora_B
-        return out
+        """{"h.0.attn.c_attn.lora_A": Var, ...}: the trainable adapter tensors, our names
+        (lora_A, lora_B, and DoRA's lora_magnitude_vector)."""
+        return {f"{name}.{key}": p for name, m in self.lora_modules.items() for key, p in m.lora_parameters().items()}
 
     def trainable_parameters(self):
         return list(self.lora_state_dict().values())
+
+    def loraplus_param_groups(self, lr, loraplus_lr_ratio, weight_decay):
+        """LoRA+ (Hayou et al., 2024): PEFT's create_loraplus_optimizer groups for GPT-2, as
+        optimizer param groups: A at lr, B and every 1-D tensor (DoRA's magnitude) at
+        lr x loraplus_lr_ratio, both with weight_decay (PEFT's loraplus_weight_decay; the
+        training scripts pass --weight-decay). "lr_ratio" lets a schedule scale both."""
+        groups = [{"params": [], "lr": lr, "lr_ratio": 1.0, "weight_decay": weight_decay},
+                  {"params": [], "lr": lr * loraplus_lr_ratio, "lr_ratio": loraplus_lr_ratio,
+                   "weight_decay": weight_decay}]
+        for name, p in self.lora_state_dict().items():
+            groups[name.endswith(".lora_B") or len(p.shape) == 1]["params"].append(p)
+        return groups
 
     def print_trainable_parameters(self):
         """PEFT's line: trainable params: N || all params: M || trainable%: P."""
@@ -164,26 +190,38 @@ class LoRAGPT(nn.Module):
     # --- PEFT-format adapters ---------------------------------------------------
 
     def peft_adapter(self):
-        """(tensors, adapter_config) exactly as PEFT's save_pretrained writes them."""
+        """(tensors, adapter_config) exactly as PEFT's save_pretrained writes them (PiSSA /
+        OLoRA: with path_initial_model_for_weight_conversion, see the module doc)."""
         cfg = self.lora_config
         tensors, rank_pattern, alpha_pattern = {}, dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
+        converted = is_residual_init(cfg.init)
         for name, m in self.lora_modules.items():
-            A = m.lora_A.numpy()
+            A, B = m.lora_A.numpy(), m.B_full().numpy()
+            if converted:  # W_res + s B A = W + s [B, -B0] [A; A0]: a plain LoRA on the original W
+                A, B = np.concatenate([A, m.initial[0]], 0), np.concatenate([B, -m.initial[1]], 1)
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.B_full().numpy()
-            if A.shape[0] != m.r:  # a q/v-style adapter, exported as its rank-(r*k) equivalent
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B
+            if m.use_dora:
+                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.numpy()
+            if A.shape[0] != m.r * (2 if converted else 1):  # a q/v-style adapter, exported as its rank-(r*k) equivalent
                 r_out = A.shape[0]
                 rank_pattern[name] = r_out
                 alpha_pattern[name] = m.scaling * (np.sqrt(r_out) if cfg.use_rslora else r_out)
+        r, alpha, init = cfg.r, cfg.alpha, True if cfg.init == "kaiming" else cfg.init
+        if converted:  # PEFT's conversion: rank x 2 and alpha x 2 (rsLoRA: x sqrt 2), the same scaling
+            grow = math.sqrt(2) if cfg.use_rslora else 2
+            r, alpha, init = 2 * r, alpha * grow, True
+            rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+            alpha_pattern = {k: v * grow for k, v in alpha_pattern.items()}
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
             "lora_dropout": cfg.dropout, "target_modules": list(cfg.target_modules),
             "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
             "use_rslora": cfg.use_rslora, "bias": "none", "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern, "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+            "alpha_pattern": alpha_pattern, "init_lora_weights": init,
             "base_model_name_or_path": getattr(self, "base_model_name_or_path", None),
             "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
-            "use_dora": False, "revision": None,
+            "use_dora": cfg.use_dora, "revision": None,
         }
         return tensors, config
 
@@ -208,7 +246,7 @@ class LoRAGPT(nn.Module):
             if m.enable:
                 raise ValueError("load_lora_weights needs a model with full c_attn adapters; "
                                  "use LoRAGPT.from_pretrained, which builds one from the adapter config")
-            want[f"{name}.lora_A"], want[f"{name}.lora_B"] = m.lora_A, m.lora_B
+            want.update({f"{name}.{key}": p for key, p in m.lora_parameters().items()})
         missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         if missing or unexpected:
             raise ValueError(f"{path / ADAPTER_WEIGHTS}: does not match the LoRA layers of this model "
@@ -245,7 +283,7 @@ class LoRAGPT(nn.Module):
                 r=config["r"], alpha=config["lora_alpha"],
                 dropout=(config.get("lora_dropout") or 0.0) if dropout is None else dropout,
                 target_modules=tuple(config["target_modules"]), use_rslora=config.get("use_rslora", False),
-                init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+                init=PEFT_INITS[config.get("init_lora_weights", True)], use_dora=config.get("use_dora", False),
                 rank_pattern=dict(config.get("rank_pattern") or {}),
                 alpha_pattern=dict(config.get("alpha_pattern") or {}))
             model = cls(base_model, lora_config)
@@ -275,6 +313,11 @@ def read_adapter_config(path):
     if isinstance(config["target_modules"], str):
         raise ValueError(f"{file}: target_modules is a regular expression ({config['target_modules']!r:.80}); "
                          f"only a list of module names is supported")
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, (bool, str)) and init in PEFT_INITS):
+        raise ValueError(f"{file}: init_lora_weights={init!r:.80} is not supported (supported: true, false, "
+                         f"\"gaussian\", \"pissa\", \"olora\"; a PiSSA / OLoRA adapter saved with "
+                         f"path_initial_model_for_weight_conversion is a plain LoRA and loads too)")
     for key, default in PEFT_UNSUPPORTED.items():
         if config.get(key, default) not in (default, [], {}):
             raise ValueError(f"{file}: {key}={config[key]!r:.80} is not supported (only plain LoRA, {key}={default!r})")
@@ -290,8 +333,9 @@ def read_adapter_config(path):
     if not (isinstance(config["target_modules"], list) and config["target_modules"]
             and all(isinstance(t, str) and t for t in config["target_modules"])):
         bad("target_modules", "a non-empty list of module names")
-    if not isinstance(config.get("use_rslora", False), bool):
-        bad("use_rslora", "true or false")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            bad(key, "true or false")
     for key, value_ok, words in (("rank_pattern", is_rank, "integers >= 1"), ("alpha_pattern", is_number, "finite numbers")):
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict) or not all(value_ok(v) for v in patterns.values()):
@@ -323,7 +367,10 @@ def read_adapter_tensors(path):
         for prefix in ("base_model.model.", "transformer."):
             if name.startswith(prefix):
                 name = name[len(prefix):]
-        if not name.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ValueError(f"{file}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
-        out[name[:-len(".weight")]] = value
+        if name.endswith(".lora_magnitude_vector.weight"):  # older PEFT files name DoRA's m so
+            name = name[:-len(".weight")]
+        if not name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")):
+            raise ValueError(f"{file}: unexpected tensor {key!r} (only lora_A / lora_B weights and DoRA's "
+                             f"lora_magnitude_vector are supported)")
+        out[name.removesuffix(".weight")] = value
     return out

@@ -296,8 +296,8 @@ def test_non_lora_and_missing_config(hf_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="peft_type is 'PREFIX_TUNING'; only LoRA adapters"):
         LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                               "target_modules": ["c_attn"], "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+                                                               "target_modules": ["c_attn"], "init_lora_weights": "loftq"}))
+    with pytest.raises(ValueError, match="init_lora_weights='loftq' is not supported"):
         LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path)
 
 
