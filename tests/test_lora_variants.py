@@ -17,8 +17,7 @@ from backend.jittor_env import jt
 from GPT2_jittor import GPT, GPTConfig
 from LoRA import LoRAConfig
 from lora_models import LoRAGPT
-from test_lora_peft import answer_batch, hf_labels, peft_logits
-from train_default_lora import clip_grad_norm
+from test_lora_peft import answer_batch, hf_labels, peft_logits, train_both
 from training import init_weights
 
 NAME = "tiny"
@@ -163,13 +162,12 @@ def test_dora_merge_unmerge_and_export_equal_peft_merged(hf_checkpoints, impl, t
     pm.save_pretrained(str(tmp_path / "adapter"))
     ours = impl(LoRAGPT.from_pretrained(hf_checkpoints("tiny-gpt2init"), tmp_path / "adapter")).eval()
     ids, mask, _ = answer_batch(3)
-    x, m = jt.array(ids), jt.array(mask)
-    before = ours(x, attention_mask=m).numpy()
-    base = {k: v.numpy().copy() for k, v in ours.model.hf_state_dict().items()}
+    logits = lambda: ours(jt.array(ids), attention_mask=jt.array(mask)).numpy()  # noqa: E731
+    before, base = logits(), {k: v.numpy().copy() for k, v in ours.model.hf_state_dict().items()}
     ours.merge()
-    merged = ours(x, attention_mask=m).numpy()
+    merged = logits()
     ours.merge()  # idempotent
-    twice = ours(x, attention_mask=m).numpy()
+    twice = logits()
     ours.unmerge()
     d_restore = max(norm_err(v.numpy(), base[k]) for k, v in ours.model.hf_state_dict().items())
     d_merge = np.abs(merged - before)[mask > 0].max()
@@ -215,22 +213,7 @@ def test_training_curve_matches_peft(hf_checkpoints, impl, variant):
     else:
         opt = jt.optim.AdamW(ours.trainable_parameters(), lr=lr, weight_decay=0.01, **hp)
         topt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.01, **hp)
-    ours.eval()
-    pm.eval()
-    worst, losses = 0.0, []
-    for step in range(30):
-        ids, mask, targets = answer_batch(100 + step % 7)
-        _, loss = ours(jt.array(ids), jt.array(targets), attention_mask=jt.array(mask))
-        opt.backward(loss)
-        clip_grad_norm(opt, 1.0)
-        opt.step()
-        out = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(hf_labels(ids, targets)))
-        topt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in pm.parameters() if p.requires_grad], 1.0)
-        topt.step()
-        worst = max(worst, abs(loss.item() - out.loss.item()) / abs(out.loss.item()))
-        losses.append((loss.item(), out.loss.item()))
+    worst, losses = train_both(ours, opt, pm, topt)
     impl_name = "fused" if ours.model.fused else "plain"
     print(f"\n{variant}: 30 AdamW steps, loss {losses[0][0]:.5f} -> {losses[-1][0]:.5f} (PEFT {losses[0][1]:.5f} -> "
           f"{losses[-1][1]:.5f}); worst per-step relative loss difference {worst:.2e}")
