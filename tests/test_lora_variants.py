@@ -420,3 +420,18 @@ def test_training_scripts_align_per_variant(tmp_path, options):
     # PiSSA's converted B A = B A - B0 A0 is a small difference of large terms, and numpy's and
     # torch's SVDs differ by float32 rounding in B0 A0: compared through the logits above
     assert rel <= (1e-3 if options.get("init") == "pissa" else 1e-4)
+
+
+def test_resume_with_variants_equals_the_uninterrupted_run(tmp_path):
+    """DoRA + LoRA+ (two AdamW param groups, the magnitude in B's) and PiSSA (the residual base
+    recomputed on resume) checkpoint and resume to exactly the uninterrupted run."""
+    from helpers import write_sample_split
+    from test_train import assert_same_run, tiny_cfg
+    from train_default_lora import train
+    split = write_sample_split(tmp_path)
+    for name, options in (("dora-loraplus", dict(use_dora=True, loraplus_lr_ratio=8.0)), ("pissa", dict(init="pissa"))):
+        full = train(tiny_cfg(split, tmp_path / f"{name}-full", dropout=0.1, **options), progress=False)
+        cfg = tiny_cfg(split, tmp_path / f"{name}-resumed", dropout=0.1, **options)
+        train(cfg, stop_after=3, progress=False)
+        train(cfg, resume=True, progress=False)
+        assert_same_run(full, tmp_path / f"{name}-resumed", f"{name}: resume after step 3")
