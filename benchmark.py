@@ -6,6 +6,7 @@ PEFT on PyTorch, on the same machine, the same weights and the same batches.
     python benchmark.py generate --framework jittor       # greedy answers with the KV cache
     python benchmark.py generate --framework torch
     python benchmark.py train --framework jittor --tiny --steps 2 --warmup 1   # smoke test
+    python benchmark.py train --framework jittor --variant dora   # DoRA (use_dora) on both sides
     mpirun -np 2 python benchmark.py train --threads 1     # Jittor, 2 processes x batch 4
     python benchmark.py train --framework torch --device cuda --precision bf16 --batch-size 16
 
@@ -22,6 +23,9 @@ Same work on both sides:
   and saved once; Jittor loads that adapter (LoRAGPT.from_pretrained). B is small random
   instead of PEFT's zeros, so the adapter changes generated tokens (speed is the same).
 - AdamW, lr 5e-4, weight decay 0.01. GPT-2's own dropouts (0.1) are on in training.
+- --variant dora: the same adapter with PEFT's use_dora (its lora_magnitude_vector trains
+  too). PiSSA / OLoRA (init only) and LoRA+ (optimizer groups only) run exactly plain
+  LoRA's step, so they have no variant here.
 - Training batches: real SQuAD examples from gpt2_lora_dataset (read_squad, encode_dataset
   with --max-length, collate; answer-only targets; each batch padded to its longest
   example), in one fixed shuffled order. HF labels are unshifted (hf_batch: one more pad
@@ -79,12 +83,12 @@ LR, WEIGHT_DECAY = 5e-4, 0.01
 # ----------------------------------------------------------------------------
 # The shared checkpoint: base model + adapter, written by transformers and PEFT
 
-def cache_dir(model_name, seed):
+def cache_dir(model_name, seed, variant="lora"):
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2_lora_jittor" / "benchmark"
-    return root / f"{model_name}-seed{seed}"
+    return root / f"{model_name}-seed{seed}{'' if variant == 'lora' else '-' + variant}"
 
 
-def prepare(model_name, seed, out):
+def prepare(model_name, seed, out, variant="lora"):
     """Write out/base (config.json + model.safetensors) and out/adapter (PEFT LoRA)."""
     import shutil
     import tempfile
@@ -96,7 +100,8 @@ def prepare(model_name, seed, out):
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**MODELS[model_name]))
     model.save_pretrained(str(tmp / "base"))
-    peft_model = get_peft_model(model, LoraConfig(fan_in_fan_out=True, task_type="CAUSAL_LM", **LORA))
+    peft_model = get_peft_model(model, LoraConfig(fan_in_fan_out=True, task_type="CAUSAL_LM",
+                                                  use_dora=variant == "dora", **LORA))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -109,13 +114,13 @@ def prepare(model_name, seed, out):
     return out
 
 
-def ensure_prepared(model_name, seed):
-    out = cache_dir(model_name, seed)
+def ensure_prepared(model_name, seed, variant="lora"):
+    out = cache_dir(model_name, seed, variant)
     if not (out / "adapter" / "adapter_model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         # a subprocess: the Jittor run must not carry PyTorch's memory and threads
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "prepare", "--model", model_name,
-                        "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
+                        "--seed", str(seed), "--variant", variant], check=True, stdout=subprocess.DEVNULL)
     return out / "base", out / "adapter"
 
 
@@ -183,7 +188,7 @@ def jittor_setup(args):
     from backend import runtime
     args.device, args.precision = runtime.resolve(args.device, args.precision)
     jt.set_global_seed(args.seed)
-    base, adapter = ensure_prepared(args.model, args.seed)
+    base, adapter = ensure_prepared(args.model, args.seed, args.variant)
     model = runtime.prepare(LoRAGPT.from_pretrained(base, adapter), args.device, args.precision)
     if runtime.is_fused(model):
         mm, make = (lambda a, b, t: cpu_kernels.matmul(a, b, trans_b=t)), (lambda *s: jt.randn(*s))
@@ -269,7 +274,7 @@ def torch_setup(args):
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     torch.manual_seed(args.seed)
-    base, adapter = ensure_prepared(args.model, args.seed)
+    base, adapter = ensure_prepared(args.model, args.seed, args.variant)
     model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(base)), str(adapter),
                                       is_trainable=args.task == "train").to(args.device)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
@@ -447,6 +452,8 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=16, help="generate: held-out questions to answer")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generate: longest answer, tokens")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide GPT-2 (smoke tests)")
+    p.add_argument("--variant", choices=["lora", "dora"], default="lora",
+                   help="the adapter on both sides: plain LoRA or DoRA (PEFT's use_dora)")
     p.add_argument("--model", choices=list(MODELS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="weights, adapter and batch order")
     p.add_argument("--device", choices=DEVICES, default="auto",
@@ -459,7 +466,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.model = args.model or ("tiny" if args.tiny else "gpt2-124M")
     if args.task == "prepare":
-        prepare(args.model, args.seed, cache_dir(args.model, args.seed))
+        prepare(args.model, args.seed, cache_dir(args.model, args.seed, args.variant), args.variant)
         return
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before Jittor / torch start their pools
@@ -480,7 +487,7 @@ def main(argv=None):
         return  # rank 0 reports
     peak, source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else peak_bf16_tflops(gpu)
     on_gpu = args.device == "cuda"
-    config = {"model": args.model, **MODELS[args.model], "lora": LORA, "lr": LR, "weight_decay": WEIGHT_DECAY,
+    config = {"model": args.model, **MODELS[args.model], "lora": LORA, "variant": args.variant, "lr": LR, "weight_decay": WEIGHT_DECAY,
               "batch_size": args.batch_size, "processes": world_size, "max_length": args.max_length,
               "threads": args.threads,
               "data": str(args.data), "seed": args.seed}

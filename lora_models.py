@@ -31,6 +31,13 @@ each adapter keeps its own state for every layer it adapts (the layer's attribut
 LoRALinear's constructor sets beside the base weight: r, scaling, lora_A, lora_B, and any
 other lora_* tensor), and set_adapter puts that state into the layers; the fused CPU layers
 read the same attributes, so both paths switch alike.
+Variants (docs/lora_variants.md): DoRA adds `<module>.lora_magnitude_vector` (out,) and
+"use_dora": true, as PEFT writes them. A PiSSA / OLoRA run (whose base is the residual) is
+saved as PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) saves it: the
+plain rank-2r LoRA A' = [A; A0], B' = [B, -B0] with alpha doubled (scaling unchanged),
+which applies to the ORIGINAL base: W_res + s B A = W + s (B A - B0 A0). An unconverted
+PEFT PiSSA adapter (init_lora_weights "pissa") loads as PEFT loads it: the residual is
+recomputed from the base it is given.
 """
 import json
 import math
@@ -47,13 +54,20 @@ from GPT2_jittor import GPT, Conv1D
 from LoRA import LoRAConfig, LoRALinear
 from model_utils import atomic_save_safetensors, atomic_write_json, load_safetensors
 from backend import runtime
+from training.init_weights import is_residual_init
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model.transformer."   # PeftModel -> LoraModel -> GPT2LMHeadModel
 # adapter_config.json fields with values we do not implement; anything else there is ignored.
-PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "target_parameters": None,
+PEFT_UNSUPPORTED = {"bias": "none", "target_parameters": None,
                     "layer_replication": None, "trainable_token_indices": None}
+# adapter_config.json init_lora_weights -> our LoRAConfig.init. An adapter's A and B are in the
+# file, so a plain init only names how training started; "pissa" / "olora" also say that the
+# base must be the residual (recomputed from the base here, as PEFT recomputes it on loading).
+# Other PEFT inits (loftq, eva, corda, orthogonal, lora_ga, mica, and the random
+# "pissa_niter_N", whose residual cannot be recomputed) are refused by name.
+PEFT_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
 # --- which modules: PEFT 0.21's rules, on PEFT's module names --------------------
@@ -273,6 +287,11 @@ class LoRAGPT(nn.Module):
         return select_modules(cfg, peft_names(self.model), where)
 
     def _build(self, adapter_name, cfg):
+        others = [n for n in self.peft_config if n != adapter_name]
+        if others and (is_residual_init(cfg.init) or any(is_residual_init(self.peft_config[n].init) for n in others)):
+            # PiSSA / OLoRA replace the shared base weight by their residual: no other adapter could run on it
+            raise ValueError(f"adapter {adapter_name!r}: a PiSSA / OLoRA adapter (init_lora_weights) cannot share "
+                             f"a model with other adapters ({', '.join(others)}); load it alone")
         targets, saved = self._select(adapter_name, cfg)
         states, new_layers = {}, False
         for name in targets:
@@ -285,7 +304,8 @@ class LoRAGPT(nn.Module):
             # A drawn from (seed, module name): the default adapter's A is the one the training scripts share
             fresh = LoRALinear(layer, r, pattern_value(cfg.alpha_pattern, key, cfg.alpha), cfg.dropout, cfg.init,
                                cfg.use_rslora, enable=cfg.qkv if name.endswith("c_attn") else None, seed=self.seed,
-                               name=name if adapter_name == "default" else f"{name}.{adapter_name}")
+                               name=name if adapter_name == "default" else f"{name}.{adapter_name}",
+                               use_dora=cfg.use_dora)
             states[name] = layer_state(fresh)
         if new_layers and self.model.fused:  # the new layers run like the rest of the model
             runtime.prepare(self, precision=runtime.precision_of(self), fused=True)
@@ -441,6 +461,18 @@ class LoRAGPT(nn.Module):
     def trainable_parameters(self):
         return list(self.lora_state_dict().values())
 
+    def loraplus_param_groups(self, lr, loraplus_lr_ratio, weight_decay):
+        """LoRA+ (Hayou et al., 2024): PEFT's create_loraplus_optimizer groups for GPT-2, as
+        optimizer param groups: A at lr, B and every 1-D tensor (DoRA's magnitude) at
+        lr x loraplus_lr_ratio, both with weight_decay (PEFT's loraplus_weight_decay; the
+        training scripts pass --weight-decay). "lr_ratio" lets a schedule scale both."""
+        groups = [{"params": [], "lr": lr, "lr_ratio": 1.0, "weight_decay": weight_decay},
+                  {"params": [], "lr": lr * loraplus_lr_ratio, "lr_ratio": loraplus_lr_ratio,
+                   "weight_decay": weight_decay}]
+        for name, p in self.lora_state_dict().items():
+            groups[name.endswith(".lora_B") or len(p.shape) == 1]["params"].append(p)
+        return groups
+
     def print_trainable_parameters(self):
         """PEFT's line: trainable params: N || all params: M || trainable%: P."""
         trainable = sum(int(np.prod(p.shape)) for p in self.trainable_parameters())
@@ -493,31 +525,44 @@ class LoRAGPT(nn.Module):
 
     def peft_adapter(self, adapter_name=None):
         """(tensors, adapter_config) of one adapter (default: the active one) exactly as PEFT's
-        save_pretrained writes them."""
+        save_pretrained writes them (PiSSA / OLoRA: with path_initial_model_for_weight_conversion,
+        see the module doc)."""
         adapter_name = adapter_name or self.active_adapter
         cfg = self.peft_config[adapter_name]
         tensors, rank_pattern, alpha_pattern = {}, dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
+        converted = is_residual_init(cfg.init)
         for name, state in self._states[adapter_name].items():
             m = state_view(self._layers[name], state)
-            for key, var in lora_tensors(state).items():
-                tensors[f"{PEFT_PREFIX}{name}.{key}.weight"] = (m.B_full() if key == "lora_B" else var).numpy()
-            r_out = m.lora_A.shape[0]
-            if r_out != m.r:  # a q/v-style adapter, exported as its rank-(r*k) equivalent
+            A, B = m.lora_A.numpy(), m.B_full().numpy()
+            if converted:  # W_res + s B A = W + s [B, -B0] [A; A0]: a plain LoRA on the original W
+                A, B = np.concatenate([A, m.initial[0]], 0), np.concatenate([B, -m.initial[1]], 1)
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B
+            if getattr(m, "use_dora", False):
+                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.numpy()
+            if A.shape[0] != m.r * (2 if converted else 1):  # a q/v-style adapter, exported as its rank-(r*k) equivalent
+                r_out = A.shape[0]
                 rank_pattern[name] = r_out
                 alpha_pattern[name] = m.scaling * (np.sqrt(r_out) if cfg.use_rslora else r_out)
         for name, params in self._saved[adapter_name].items():
             tensors.update({f"{PEFT_PREFIX}{name}.{k}": v.numpy() for k, v in params.items()})
         listed = lambda v: v if v is None or isinstance(v, (str, int)) else list(v)  # noqa: E731
+        r, alpha, init = cfg.r, cfg.alpha, True if cfg.init == "kaiming" else cfg.init
+        if converted:  # PEFT's conversion: rank x 2 and alpha x 2 (rsLoRA: x sqrt 2), the same scaling
+            grow = math.sqrt(2) if cfg.use_rslora else 2
+            r, alpha, init = 2 * r, alpha * grow, True
+            rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+            alpha_pattern = {k: v * grow for k, v in alpha_pattern.items()}
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
             "lora_dropout": cfg.dropout, "target_modules": listed(cfg.target_modules),
             "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
             "use_rslora": cfg.use_rslora, "bias": "none", "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern, "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+            "alpha_pattern": alpha_pattern, "init_lora_weights": init,
             "base_model_name_or_path": getattr(self, "base_model_name_or_path", None),
             "inference_mode": True, "modules_to_save": listed(cfg.modules_to_save),
             "exclude_modules": listed(cfg.exclude_modules), "layers_to_transform": listed(cfg.layers_to_transform),
-            "layers_pattern": listed(cfg.layers_pattern), "use_dora": False, "revision": None,
+            "layers_pattern": listed(cfg.layers_pattern), "use_dora": cfg.use_dora, "revision": None,
         }
         return tensors, config
 
@@ -628,7 +673,7 @@ def lora_config_from_peft(config, dropout=None):
         r=config["r"], alpha=config["lora_alpha"],
         dropout=(config.get("lora_dropout") or 0.0) if dropout is None else dropout,
         target_modules=listed(config["target_modules"]), use_rslora=config.get("use_rslora", False),
-        init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+        init=PEFT_INITS[config.get("init_lora_weights", True)], use_dora=config.get("use_dora", False),
         rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
         exclude_modules=listed(config.get("exclude_modules")), layers_to_transform=listed(config.get("layers_to_transform")),
         layers_pattern=listed(config.get("layers_pattern")), modules_to_save=listed(config.get("modules_to_save")))
@@ -651,6 +696,11 @@ def read_adapter_config(path):
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ValueError(f"{file}: no {key!r} field")
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, (bool, str)) and init in PEFT_INITS):
+        raise ValueError(f"{file}: init_lora_weights={init!r:.80} is not supported (supported: true, false, "
+                         f"\"gaussian\", \"pissa\", \"olora\"; a PiSSA / OLoRA adapter saved with "
+                         f"path_initial_model_for_weight_conversion is a plain LoRA and loads too)")
     for key, default in PEFT_UNSUPPORTED.items():
         if config.get(key, default) not in (default, [], {}):
             raise ValueError(f"{file}: {key}={config[key]!r:.80} is not supported (only plain LoRA, {key}={default!r})")
@@ -675,8 +725,9 @@ def read_adapter_config(path):
                             "a layer index or a list of them")):
         if config.get(key) is not None and not ok(config[key]):
             bad(key, words)
-    if not isinstance(config.get("use_rslora", False), bool):
-        bad("use_rslora", "true or false")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            bad(key, "true or false")
     for key, value_ok, words in (("rank_pattern", is_rank, "integers >= 1"), ("alpha_pattern", is_number, "finite numbers")):
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict) or not all(value_ok(v) for v in patterns.values()):
@@ -716,8 +767,8 @@ def read_adapter_tensors(path):
         for prefix in ("base_model.model.", "transformer."):
             if name.startswith(prefix):
                 name = name[len(prefix):]
-        if name.endswith((".lora_A.weight", ".lora_B.weight")):
-            name = name[:-len(".weight")]
+        if name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector.weight")):
+            name = name[:-len(".weight")]  # (older PEFT files name DoRA's m ...lora_magnitude_vector.weight)
         # anything else is a modules_to_save tensor under its module's name (ln_f.weight), which
         # load_lora_weights checks against the adapter's modules_to_save
         out[name.replace(".modules_to_save.", ".")] = value

@@ -67,7 +67,7 @@ from plot_loss import plot_runs
 from test_generation import answer_questions, score_run
 from training.tensorboard_log import NoLog, TensorBoardLog
 from training.train_config import (DEMO_OVERRIDES, RESUME_MAY_CHANGE, TrainConfig, UsageError, adapter_steps, check,
-                          learning_rate, lora_targets, parse_args, read_saved_config, total_steps)
+                          learning_rate, lora_targets, parse_args, read_saved_config, set_learning_rate, total_steps)
 from training.train_state import (LOGS, RunLock, StopSignals, Stopped, append_line, checkpoint_path, clear_folder,
                          latest_checkpoint, list_checkpoints, load_into, prune_checkpoints, read_checkpoint,
                          remove_leftovers, restore_checkpoint, save_checkpoint, stop_at, truncate_log, write_folder,
@@ -135,8 +135,11 @@ def prepare(cfg, resume):
     if distributed.is_main:
         model.print_trainable_parameters()
     # torch.optim.AdamW semantics (decoupled decay, eps outside the sqrt): checked against
-    # PyTorch step by step in tests/test_lora_peft.py.
-    opt = jt.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8,
+    # PyTorch step by step in tests/test_lora_peft.py. LoRA+: PEFT's two groups (A; B and
+    # DoRA's magnitude at lr x ratio), tests/test_lora_variants.py.
+    params = (model.loraplus_param_groups(cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay)
+              if cfg.loraplus_lr_ratio else model.trainable_parameters())
+    opt = jt.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8,
                          betas=(0.9, 0.999))
     global_batch = cfg.batch_size * cfg.grad_accum * distributed.world_size
     per_epoch = math.ceil(len(data.train_features) / global_batch)
@@ -251,7 +254,7 @@ def build_model(cfg, out):
     base_dir = base_model_dir(cfg, out, log, save=save)
     distributed.barrier()
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, **lora_targets(cfg),
-                          init=cfg.init, use_rslora=cfg.rslora,
+                          init=cfg.init, use_rslora=cfg.rslora, use_dora=cfg.use_dora,
                           qkv=(True, False, True) if cfg.qv_only else (True, True, True))
     # A drawn from NumPy by (--seed, module name): the same start as train_pytorch_lora.py's,
     # and the same on every rank
@@ -303,7 +306,8 @@ def train_loop(run, stop_after=None, progress=True):
             batch = order[run.batches]
 
             # --- learning rate
-            lr = run.opt.lr = learning_rate(run.step, cfg, run.total)
+            lr = learning_rate(run.step, cfg, run.total)
+            set_learning_rate(run.opt, lr)
 
             # --- forward / backward, one AdamW step
             t0 = time.time()

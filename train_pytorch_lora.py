@@ -51,19 +51,20 @@ from tqdm import tqdm
 try:
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
     from peft.tuners.lora import LoraLayer
     from transformers import GPT2LMHeadModel
 except ImportError as e:
     torch, MISSING = None, e.name
 
 from gpt2_lora_dataset import batches, collate, count_supervised, load_data, rank_share
-from training.init_weights import base_model_dir, lora_A
+from training.init_weights import base_model_dir, is_residual_init, lora_A, residual_init
 from model_utils import IGNORE_INDEX, atomic_write_json, load_tokenizer
 from plot_loss import plot_runs
 from test_generation import score_run
 from gpt2_config import parse_shape
 from training.train_config import (DEMO_OVERRIDES, TrainConfig, UsageError, adapter_steps, check, learning_rate, parse_args,
-                          lora_targets, total_steps)
+                          lora_targets, set_learning_rate, total_steps)
 
 INSTALL = ("train_pytorch_lora.py is the PyTorch reference run and needs PyTorch, transformers and PEFT "
            "(test dependencies of this project, not runtime ones): pip install -r requirements-test.txt "
@@ -82,22 +83,63 @@ def log(msg):
 def build_model(cfg, out, dtype="float32"):
     """(PEFT model, base model folder): GPT2LMHeadModel from the base folder train_default_lora.py
     would use, LoRA by PEFT, every lora_A replaced by the NumPy draw train_default_lora.py makes,
-    all in `dtype` (float64: --dtype, see the module doc)."""
+    all in `dtype` (float64: --dtype, see the module doc).
+
+    --use-dora: PEFT's DoRA (its magnitude starts at ||W||, whatever A is). --init pissa:
+    PEFT's own PiSSA. --init pissa_niter_N / olora: A0, B0 and the residual base from
+    init_weights.residual_init, as train_default_lora.py computes them (PEFT's randomised SVD
+    draws from torch's generator; PEFT's olora_init fails on GPT-2's Conv1D), on a PEFT
+    model built with the plain init."""
     base_dir = base_model_dir(cfg, out, log)
     dropout = {} if cfg.model_dropout is None else \
         {k: cfg.model_dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}  # GPT-2's own
     base = GPT2LMHeadModel.from_pretrained(str(base_dir), dtype=getattr(torch, dtype), **dropout)
+    ours_init = cfg.init == "olora" or cfg.init.startswith("pissa_niter_")
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, fan_in_fan_out=True,
                           **lora_targets(cfg),
-                          use_rslora=cfg.rslora, init_lora_weights=True if cfg.init == "kaiming" else cfg.init,
+                          use_rslora=cfg.rslora, use_dora=cfg.use_dora,
+                          init_lora_weights=True if cfg.init == "kaiming" or ours_init else cfg.init,
                           task_type="CAUSAL_LM")
     model = get_peft_model(base, peft_cfg)
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, LoraLayer):
-                A = module.lora_A["default"].weight
-                A.copy_(torch.from_numpy(lora_A(cfg.seed, name[len(PEFT_PREFIX):], tuple(A.shape), cfg.r, cfg.init)))
+            if not isinstance(module, LoraLayer):
+                continue
+            A, B, ours = module.lora_A["default"].weight, module.lora_B["default"].weight, name[len(PEFT_PREFIX):]
+            if ours_init:
+                W = module.get_base_layer().weight
+                A0, B0, residual = residual_init(W.float().numpy(), cfg.r, module.scaling["default"], cfg.init,
+                                                 cfg.seed, ours)
+                for var, value in ((A, A0), (B, B0), (W, residual)):
+                    var.copy_(torch.from_numpy(value))
+            elif not is_residual_init(cfg.init):
+                A.copy_(torch.from_numpy(lora_A(cfg.seed, ours, tuple(A.shape), cfg.r, cfg.init)))
+    if is_residual_init(cfg.init):  # PEFT's recipe: the initial adapter, saved with init_lora_weights=True
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(str(out / "adapter-initial"))
     return model, base_dir
+
+
+def save_adapter(model, cfg, path):
+    """PEFT's save_pretrained; after PiSSA / OLoRA with path_initial_model_for_weight_conversion
+    (a plain LoRA for the original base, as train_default_lora.py saves it)."""
+    initial = Path(cfg.output_dir) / "adapter-initial"
+    model.save_pretrained(str(path), **({"path_initial_model_for_weight_conversion": str(initial)}
+                                        if is_residual_init(cfg.init) else {}))
+
+
+def make_optimizer(model, cfg):
+    """torch.optim.AdamW as train_default_lora.py's; LoRA+: PEFT's create_loraplus_optimizer
+    (loraplus_weight_decay = --weight-decay), each group's multiple of --lr kept as "lr_ratio"."""
+    hp = dict(betas=(0.9, 0.999), eps=1e-8)
+    if not cfg.loraplus_lr_ratio:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, **hp)
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                    loraplus_weight_decay=cfg.weight_decay, **hp)
+    for group in opt.param_groups:
+        group["lr_ratio"] = group["lr"] / cfg.lr
+    return opt
 
 
 def batch_loss(model, batch):
@@ -198,10 +240,10 @@ def train(cfg, progress=True, dtype="float32"):
     data = load_data(cfg, tokenizer)
     model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     global_batch = cfg.batch_size * cfg.grad_accum  # one process
     total = total_steps(cfg, math.ceil(len(data.train_features) / global_batch))
-    model.save_pretrained(str(out / "adapter-step0"))
+    save_adapter(model, cfg, out / "adapter-step0")
     save_adapter_at = adapter_steps(cfg)
 
     # --- the loop of train_default_lora.train_loop, step for step
@@ -216,8 +258,7 @@ def train(cfg, progress=True, dtype="float32"):
                                              bucket=cfg.bucket), epoch
             batch = order[done]
             lr = learning_rate(step, cfg, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_learning_rate(opt, lr)
             torch.manual_seed(cfg.seed * 100_003 + step)  # dropout masks (PyTorch's own)
 
             t0 = time.time()
@@ -255,13 +296,13 @@ def train(cfg, progress=True, dtype="float32"):
                 append_line(out / "val_loss.txt", f"{step}\t{val:.6f}")
                 log(f"step {step}: train loss {loss_ema:.4f}, held-out loss {val:.4f}")
             if step in save_adapter_at:  # for step-by-step comparisons (--adapter-steps)
-                model.save_pretrained(str(out / f"adapter-step{step}"))
+                save_adapter(model, cfg, out / f"adapter-step{step}")
             if done >= len(order):
                 epoch, done = epoch + 1, 0
 
     # --- finish: the adapter, EM/F1, the curves
     model.eval()
-    model.save_pretrained(str(out / "adapter"))
+    save_adapter(model, cfg, out / "adapter")
     log(f"adapter saved to {out / 'adapter'} (PEFT format)")
     score_run(GreedyGenerator(model), tokenizer, cfg, data, out)
     plot_runs([out], out / "curves.png")

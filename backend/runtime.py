@@ -51,14 +51,31 @@ class FusedConv1D(Conv1D):
 
 class FusedLoRALinear(LoRALinear):
     """LoRALinear.execute: x W + b + scaling * dropout(x) A^T B^T as one kernel (dropout
-    by cpu_kernels' hashed mask, which the backward pass regenerates)."""
+    by cpu_kernels' hashed mask, which the backward pass regenerates). DoRA: that kernel's
+    output rescaled per column, (m/n) (y - b) + b, without dropout; with dropout, as
+    LoRALinear.execute: the base x W + b, and the dropped input (the same token-keyed mask
+    as the plain path: this layer's own lora_dropout) through W and through A, B."""
 
     def execute(self, x):
+        if self.r and not self.merged and self.use_dora:
+            return self.dora_execute(x).reshape(*x.shape[:-1], -1)
         lora = ()
         if self.r and not self.merged:
             drop = self.lora_dropout
             lora = (self.lora_A, self.B_full(), self.scaling, drop.p if drop.is_train else 0.0)
         return cpu_kernels.linear(_flat(x), self.weight, self.bias, *lora).reshape(*x.shape[:-1], -1)
+
+    def dora_execute(self, x):
+        scale = self.dora_scale()
+        if not self.dropout_on():
+            y = cpu_kernels.linear(_flat(x), self.weight, self.bias, self.lora_A, self.B_full(), self.scaling)
+            return (y - self.bias) * scale + self.bias
+        dropped = _flat(self.lora_dropout(x))  # the mask drawn on x's own shape, as the plain path draws it
+        x = _flat(x)
+        no_bias = jt.zeros(self.bias.shape, "float32")
+        base = cpu_kernels.linear(x, self.weight, self.bias)
+        lora = (dropped @ self.lora_A.t()) @ self.B_full().t()
+        return base + (scale - 1) * cpu_kernels.linear(dropped, self.weight, no_bias) + scale * (lora * self.scaling)
 
 
 class FusedLayerNorm(LayerNorm):

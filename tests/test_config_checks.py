@@ -42,7 +42,12 @@ USAGE_ERRORS = {
     ("--seed", "-1"): "--seed must be in [0, 2^31), not -1",
     ("--seed", str(2 ** 31)): f"--seed must be in [0, 2^31), not {2 ** 31}",
     ("--schedule", "cosin"): "--schedule must be cosine or linear or constant, not 'cosin'",
-    ("--init", "xavier"): "--init must be kaiming or gaussian, not 'xavier'",
+    ("--init", "xavier"): "--init must be kaiming, gaussian, pissa, pissa_niter_<N> or olora, not 'xavier'",
+    ("--init", "pissa_niter_"): "--init must be kaiming, gaussian, pissa, pissa_niter_<N> or olora, not 'pissa_niter_'",
+    ("--init", "pissa", "--use-dora"): "--init pissa decomposes whole weights and is saved as PEFT's conversion to a "
+                                       "plain LoRA, which has no q/v-only form and drops DoRA's magnitude: leave out "
+                                       "--use-dora",
+    ("--loraplus-lr-ratio=-1",): "--loraplus-lr-ratio must be >= 0 (0 = off), not -1.0",
     ("--loss-on", "prompt"): "--loss-on must be answer or all, not 'prompt'",
     ("--targets", "c_attn,q_proj"): f"--targets must be {TARGETS}, not 'c_attn,q_proj'",
     ("--targets", ""): f"--targets must be {TARGETS}, not ''",

@@ -52,6 +52,29 @@ def copy_ours_to_peft(ours, pm):
             sd[key].copy_(torch.tensor(var.numpy()))
 
 
+def train_both(ours, opt, pm, topt, steps=30):
+    """`steps` AdamW steps (clipping at 1.0) of ours and of the PEFT model on the same batches,
+    dropout off on both sides (eval mode: the same function). Returns (worst per-step relative
+    loss difference, [(our loss, PEFT's loss), ...])."""
+    ours.eval()
+    pm.eval()
+    worst, losses = 0.0, []
+    for step in range(steps):
+        ids, mask, targets = answer_batch(100 + step % 7)
+        _, loss = ours(jt.array(ids), jt.array(targets), attention_mask=jt.array(mask))
+        opt.backward(loss)
+        clip_grad_norm(opt, 1.0)
+        opt.step()
+        out = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(hf_labels(ids, targets)))
+        topt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in pm.parameters() if p.requires_grad], 1.0)
+        topt.step()
+        worst = max(worst, abs(loss.item() - out.loss.item()) / abs(out.loss.item()))
+        losses.append((loss.item(), out.loss.item()))
+    return worst, losses
+
+
 @pytest.mark.parametrize("targets,r", [(("c_attn",), 4), (("c_attn", "c_proj", "c_fc"), 8), (("mlp.c_proj", "c_fc"), 2)])
 def test_peft_adapter_loads_with_equal_logits(hf_checkpoints, impl, tmp_path, targets, r):
     pm = peft_wrap(make_hf_model(NAME), r, 2 * r, targets, init=False)  # random A and B
@@ -115,23 +138,7 @@ def test_training_curve_matches_peft_adamw(hf_checkpoints, impl):
     hp = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     opt = jt.optim.AdamW(ours.trainable_parameters(), **hp)
     topt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], **hp)
-    ours.eval()  # no dropout on either side, so the two runs see the same function
-    pm.eval()
-    worst, losses = 0.0, []
-    for step in range(30):
-        ids, mask, targets = answer_batch(100 + step % 7)
-        _, loss = ours(jt.array(ids), jt.array(targets), attention_mask=jt.array(mask))
-        opt.backward(loss)
-        clip_grad_norm(opt, 1.0)
-        opt.step()
-        out = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(hf_labels(ids, targets)))
-        topt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in pm.parameters() if p.requires_grad], 1.0)
-        topt.step()
-        rel = abs(loss.item() - out.loss.item()) / abs(out.loss.item())
-        worst = max(worst, rel)
-        losses.append((loss.item(), out.loss.item()))
+    worst, losses = train_both(ours, opt, pm, topt)
     print(f"\n30 AdamW steps: loss {losses[0][0]:.5f} -> {losses[-1][0]:.5f} (PEFT {losses[0][1]:.5f} -> "
           f"{losses[-1][1]:.5f}); worst per-step relative loss difference = {worst:.3e}")
     assert losses[-1][0] < losses[0][0] - 0.1  # it learned something
@@ -296,8 +303,8 @@ def test_non_lora_and_missing_config(hf_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="peft_type is 'PREFIX_TUNING'; only LoRA adapters"):
         LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                               "target_modules": ["c_attn"], "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+                                                               "target_modules": ["c_attn"], "init_lora_weights": "loftq"}))
+    with pytest.raises(ValueError, match="init_lora_weights='loftq' is not supported"):
         LoRAGPT.from_pretrained(hf_checkpoints(NAME), tmp_path)
 
 

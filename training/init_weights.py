@@ -90,3 +90,71 @@ def lora_A(seed, name, shape, r, init="kaiming"):
     if init == "gaussian":
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / r)
     raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', not {init!r}")
+
+
+# ----------------------------------------------------------------------------
+# Initialisations that move part of the base weight into the adapter (PEFT's
+# init_lora_weights="pissa" / "pissa_niter_N" / "olora"). Each returns (A0, B0, W_res) with
+# W = W_res + scaling * (B0 A0)^T exactly as PEFT computes it: in float32, on the weight in
+# nn.Linear's (out, in) layout (PEFT transposes GPT-2's Conv1D first, fan_in_fan_out).
+
+RESIDUAL_INITS = ("pissa", "olora")  # and "pissa_niter_<N>"
+
+
+def is_residual_init(init):
+    return init in RESIDUAL_INITS or init.startswith("pissa_niter_")
+
+
+def pissa_niter(init):
+    """N of "pissa_niter_N" (None for exact "pissa"); ValueError for anything else."""
+    if init == "pissa":
+        return None
+    n = init[len("pissa_niter_"):] if init.startswith("pissa_niter_") else ""
+    if not n.isdigit():
+        raise ValueError(f"LoRA init must be kaiming, gaussian, pissa, pissa_niter_<N> or olora, not {init!r}")
+    return int(n)
+
+
+def svd_lowrank(W, q, niter, rng):
+    """torch.svd_lowrank(W, q, niter) (Halko et al. 2009, Algorithm 5.1, as torch/_lowrank.py
+    runs it: a tall matrix, a Gaussian sketch, niter QR-orthonormalised subspace iterations),
+    with the sketch drawn from `rng`. Returns (U, S, V), W ~ U diag(S) V^T."""
+    tall = W.shape[0] >= W.shape[1]
+    A = W if tall else W.T
+    Q = np.linalg.qr(A @ rng.standard_normal((A.shape[1], q), dtype=np.float32))[0]
+    for _ in range(niter):
+        Q = np.linalg.qr(A.T @ Q)[0]
+        Q = np.linalg.qr(A @ Q)[0]
+    U, S, Vh = np.linalg.svd(Q.T @ A, full_matrices=False)
+    U, V = Q @ U, Vh.T
+    return (U, S, V) if tall else (V, S, U)
+
+
+def residual_init(weight, r, scaling, init, seed=0, name=""):
+    """(A0 (r, in), B0 (out, r), W_res (in, out)) for a Conv1D weight (in, out), float32.
+
+    pissa (Meng et al. 2024; PEFT's pissa_init): the top-r singular triplets of W^T,
+    B0 = V_r sqrt(S_r / s), A0 = sqrt(S_r / s) U_r^T; pissa_niter_N the same from the
+    randomised SVD (the sketch from NumPy by (seed, name), so our two scripts agree).
+    olora (Büyükakyüz 2024; PEFT's olora_init on nn.Linear): W^T = QR, B0 = Q[:, :r],
+    A0 = R[:r]. PEFT's olora_init skips the fan_in_fan_out transpose and fails on GPT-2's
+    Conv1D (a shape error, or a wrong residual for square ones); this is what it computes on
+    the same weight held as an nn.Linear.
+    """
+    W = np.ascontiguousarray(np.asarray(weight, np.float32).T)  # (out, in)
+    if init == "olora":
+        Q, R = np.linalg.qr(W)
+        B0, A0 = Q[:, :r], R[:r]
+    else:
+        niter = pissa_niter(init)
+        if niter is None:
+            V, S, Uh = np.linalg.svd(W, full_matrices=False)
+            V, S, Uh = V[:, :r], S[:r], Uh[:r]
+        else:
+            V, S, U = svd_lowrank(W, r, niter, generator(seed, name + ".pissa"))
+            Uh = U.T
+        S = np.sqrt(S / np.float32(scaling))
+        A0, B0 = S[:, None] * Uh, V * S[None, :]
+    A0, B0 = np.ascontiguousarray(A0, np.float32), np.ascontiguousarray(B0, np.float32)
+    W_res = (W - np.float32(scaling) * (B0 @ A0)).T
+    return A0, B0, np.ascontiguousarray(W_res, np.float32)

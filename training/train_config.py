@@ -52,8 +52,15 @@ class TrainConfig:
     modules_to_save: str = option("", "whole modules trained and saved beside the adapter, comma-separated "
                                       "(PEFT's rule: every module whose name ends so), e.g. ln_f")
     qv_only: bool = option(False, "on c_attn, adapt only the q and v slices (loralib-style), like the seed's qv_only")
-    init: str = option("kaiming", "LoRA A init: kaiming (PEFT default) or gaussian (the seed's)")
+    init: str = option("kaiming", "LoRA init (PEFT's init_lora_weights): kaiming (PEFT default), gaussian (the "
+                                  "seed's), or pissa, pissa_niter_<N>, olora: A, B from W's top-r part, the base "
+                                  "keeps the residual, the adapter is saved for the original base "
+                                  "(docs/lora_variants.md)")
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
+    # LoRA variants (docs/lora_variants.md); with --init above
+    use_dora: bool = option(False, "DoRA: train a magnitude per output column too (PEFT's use_dora)")
+    loraplus_lr_ratio: float = option(0.0, "LoRA+: lora_B (and DoRA's magnitude) train at this x --lr, as "
+                                           "PEFT's create_loraplus_optimizer groups them (0 = off; e.g. 16)")
     # optimisation
     lr: float = option(5e-4, "peak learning rate")
     epochs: int = option(3, "passes over the training set")
@@ -128,7 +135,7 @@ class UsageError(ValueError):
 # eos is only a target). tests/test_config_checks.py measures both with the tokenizer.
 MIN_PROMPT_TOKENS = 10
 MIN_MAX_LENGTH = MIN_PROMPT_TOKENS + 1
-CHOICES = {"init": ("kaiming", "gaussian"), "schedule": ("cosine", "linear", "constant"),
+CHOICES = {"schedule": ("cosine", "linear", "constant"),
            "loss_on": ("answer", "all"), "device": DEVICES, "precision": PRECISIONS,
            "report_to": ("none", "tensorboard")}
 # What the targets may name: GPT-2's projections, alone or with their parents (PEFT's suffix
@@ -144,6 +151,9 @@ RANGES = {
     "lr": (lambda v: v > 0, "> 0"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "init": (lambda v: v in ("kaiming", "gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", v),
+             "kaiming, gaussian, pissa, pissa_niter_<N> or olora"),
+    "loraplus_lr_ratio": (lambda v: v >= 0, ">= 0 (0 = off)"),
     # Jittor's seed is 31 bits and the loop reseeds with seed * 100003 + step (mod 2^31).
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
 }
@@ -183,6 +193,11 @@ def check(cfg):
                          "expression (PEFT's rule)")
     if cfg.layers_pattern and not cfg.layers_to_transform:
         raise UsageError("--layers-pattern needs --layers-to-transform")
+                       "mlp.c_proj, optionally with a layer, e.g. h.0.attn.c_attn)", cfg.targets)
+    if cfg.init not in ("kaiming", "gaussian") and (cfg.qv_only or cfg.use_dora):
+        raise UsageError(f"--init {cfg.init} decomposes whole weights and is saved as PEFT's conversion to a plain "
+                         f"LoRA, which has no q/v-only form and drops DoRA's magnitude: leave out "
+                         f"{'--qv-only' if cfg.qv_only else '--use-dora'}")
     if cfg.max_length < MIN_MAX_LENGTH:
         bad("max_length", f"at least {MIN_MAX_LENGTH} (the shortest prompt + answer)", cfg.max_length)
     if (cfg.gen_eval_examples or cfg.train_gen_eval_examples) \
@@ -242,7 +257,7 @@ CLI_GROUPS = {
     "LoRA": {"r": ("--lora-r",), "alpha": ("--lora-alpha",), "dropout": ("--lora-dropout",),
              "targets": ("--target-modules",), "qv_only": (), "init": ("--init-lora-weights",),
              "rslora": ("--use-rslora",), "exclude_modules": (), "layers_to_transform": (), "layers_pattern": (),
-             "modules_to_save": ()},
+             "modules_to_save": (), "use_dora": ("--use-dora",), "loraplus_lr_ratio": ("--loraplus-lr-ratio",)},
     "data": {"train_file": (), "eval_file": ("--eval-file", "--validation-file"),
              "max_length": ("--max-length", "--max-seq-length"),
              "max_train_examples": ("--max-train-examples", "--max-train-samples"), "loss_on": (),
@@ -366,6 +381,14 @@ def total_steps(cfg, steps_per_epoch):
     """Optimizer steps of the whole run: --epochs passes of steps_per_epoch (the training
     examples / the global batch, rounded up), or --max-steps when that comes first."""
     return min(cfg.max_steps, steps_per_epoch * cfg.epochs) if cfg.max_steps else steps_per_epoch * cfg.epochs
+
+
+def set_learning_rate(opt, lr):
+    """Give every param group of `opt` (Jittor's or torch's optimizer) this step's lr; LoRA+
+    groups carry their multiple of it as "lr_ratio"."""
+    opt.lr = lr
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
 def learning_rate(step, cfg, total_steps):

@@ -250,7 +250,7 @@ def save_checkpoint(out, model, opt, state, scaler=None):
         model.save_lora_weights(tmp)
     stop_at("checkpoint:adapter", state["step"])
     tensors = {}
-    for (name, p), m, v in zip(model.lora_state_dict().items(), opt.param_groups[0]["m"], opt.param_groups[0]["values"]):
+    for name, p, m, v in adam_moments(model, opt):
         tensors[f"param/{name}"], tensors[f"exp_avg/{name}"], tensors[f"exp_avg_sq/{name}"] = p.numpy(), m.numpy(), v.numpy()
     with writing(tmp / "trainer_state.safetensors"):
         atomic_save_safetensors(tmp / "trainer_state.safetensors", tensors)
@@ -348,9 +348,16 @@ def restore_checkpoint(out, model, opt, log, scaler=None):
     return state
 
 
+def adam_moments(model, opt):
+    """(name, tensor, exp_avg, exp_avg_sq) for every LoRA tensor of `model`, from whichever of
+    the AdamW param groups holds it (LoRA+ has two)."""
+    moments = {id(p): (m, v) for pg in opt.param_groups for p, m, v in zip(pg["params"], pg["m"], pg["values"])}
+    return [(name, p, *moments[id(p)]) for name, p in model.lora_state_dict().items()]
+
+
 def load_into(model, opt, tensors):
     """Put a checkpoint's weights and AdamW moments into model and opt."""
-    for (name, p), m, v in zip(model.lora_state_dict().items(), opt.param_groups[0]["m"], opt.param_groups[0]["values"]):
+    for name, p, m, v in adam_moments(model, opt):
         for key, var in ((f"param/{name}", p), (f"exp_avg/{name}", m), (f"exp_avg_sq/{name}", v)):
             var.update(jt.array(tensors[key]))
 
