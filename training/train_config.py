@@ -193,7 +193,6 @@ def check(cfg):
                          "expression (PEFT's rule)")
     if cfg.layers_pattern and not cfg.layers_to_transform:
         raise UsageError("--layers-pattern needs --layers-to-transform")
-                       "mlp.c_proj, optionally with a layer, e.g. h.0.attn.c_attn)", cfg.targets)
     if cfg.init not in ("kaiming", "gaussian") and (cfg.qv_only or cfg.use_dora):
         raise UsageError(f"--init {cfg.init} decomposes whole weights and is saved as PEFT's conversion to a plain "
                          f"LoRA, which has no q/v-only form and drops DoRA's magnitude: leave out "
