@@ -125,11 +125,6 @@ class LoRALinear(nn.Module):
         if use_dora:  # m starts at the column norm: DoRA starts from the base model
             self.lora_magnitude_vector = self.weight_norm().detach()
 
-    def lora_parameters(self):
-        """{"lora_A": Var, "lora_B": Var[, "lora_magnitude_vector": Var]}: what trains, by PEFT's names."""
-        names = ("lora_A", "lora_B") + (("lora_magnitude_vector",) if self.use_dora else ())
-        return {n: getattr(self, n) for n in names} if self.r else {}
-
     def B_full(self):
         """B as one (out, r*k) matrix: for sliced adapters, block i of B sits in the rows of
         enabled slice i and the columns of that slice's rank-r piece of A; zeros elsewhere."""
