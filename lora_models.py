@@ -646,12 +646,12 @@ class LoRAGPT(nn.Module):
                 raise FileNotFoundError(f"{adapter_dir / adapter_name / ADAPTER_CONFIG}: missing; the adapters in "
                                         f"{adapter_dir} are {(['default'] if (adapter_dir / ADAPTER_CONFIG).is_file() else []) + found}")
             adapter_dir = adapter_dir / adapter_name
-        read_adapter_config(adapter_dir)  # the cheap checks first
+        config = read_adapter_config(adapter_dir)  # the cheap checks first
         base_model = base if isinstance(base, GPT) else GPT.from_pretrained(base, revision)
         model = object.__new__(cls)
         model._start(base_model, 0)
         model.load_adapter(adapter_dir, adapter_name, dropout)
-        model.base_model_name_or_path = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+        model.base_model_name_or_path = config.get("base_model_name_or_path")
         model.set_adapter(adapter_name)
         return model
 
