@@ -116,10 +116,9 @@ def train_and_stop(argv):
     import train_default_lora as T
     from training import train_state
     stop_at, step, enter = int(os.environ["STOP_AT_STEP"]), T.optimizer_step, train_state.RunLock.__enter__
-    print(f"rank {distributed.rank}: pid {os.getpid()}", flush=True)
 
     def entering(lock):
-        print(f"rank {distributed.rank}: takes {lock.path}", flush=True)
+        print(f"rank {distributed.rank}: pid {os.getpid()} takes {lock.path}", flush=True)
         return enter(lock)
 
     def stopping(run, batch):
