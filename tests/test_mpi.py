@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 
 from gpt2_lora_dataset import SHARED_SQUAD
 from helpers import norm_err
+from test_hub_models import tensorboard_scalars
 from training.train_config import TrainConfig, UsageError
 from train_default_lora import train
 
@@ -218,7 +219,7 @@ def test_rank_0_alone_locks_and_a_sigterm_to_one_rank_stops_all_at_one_checkpoin
     later: a graceful stop goes to the ranks): both ranks finish step 7, rank 0 writes
     checkpoint 7, both exit 143 and mpirun with them. The checkpoint verifies and 2 processes
     resume it to the uninterrupted run's end."""
-    ref, cfg = reference(False, False), settings(False, False)
+    ref, cfg = reference(False, False), dict(settings(False, False), report_to="tensorboard")
     out = tmp_path / "stopped"
     argv = command_line(dict(cfg, batch_size=4, output_dir=str(out)))
     r = mpirun(["tests/mpi_programs.py", "train-and-stop"] + argv, env={"STOP_AT_STEP": "7"}, check=False)
@@ -242,9 +243,22 @@ def test_rank_0_alone_locks_and_a_sigterm_to_one_rank_stops_all_at_one_checkpoin
           f"it holds {(out / '.lock').read_text()!r}")
     assert (out / ".lock").read_text() == ""  # emptied: rank 0 ended cleanly
 
+    # --report-to tensorboard: rank 0 alone writes (TensorBoard names an event file after its pid)
+    first = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(first) == 1 and first[0].split(".")[-2] == pid, (first, pid)
+
     r = run("2x4", cfg, out, resume=True)
     assert f"resumed from {out / 'checkpoint-000007'} (step 7, epoch 2)" in r.stderr and "damaged" not in r.stderr
     assert_same_training(ref, out, "2 processes stopped by SIGTERM to rank 1 after step 7, resumed by 2 processes")
+    # one more event file, the resumed run's rank 0's; TensorBoard reads each step once, the
+    # losses those of train_loss.txt
+    assert len(list((out / "runs").iterdir())) == 2
+    curves = tensorboard_scalars(out / "runs")
+    steps, losses = steps_and_values(out / "train_loss.txt")
+    assert [s for s, _ in curves["train/loss"]] == steps == list(range(1, 11))
+    assert np.allclose([v for _, v in curves["train/loss"]], losses, rtol=1e-5)
+    print(f"TensorBoard under mpirun -np 2, stopped after step 7 and resumed: {len(first)} + 1 event files "
+          f"(rank 0's), train/loss at steps {steps[0]}..{steps[-1]} once each")
 
 
 @needs_mpi
