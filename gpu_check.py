@@ -56,7 +56,8 @@ TRAIN_LOSS_REL = 1e-4     # per-step |loss - PEFT's| / PEFT's
 SPEED_RUNS = {  # (task, precision, batch size), most important first; both frameworks each
     "cuda": [("train", "bf16", 16), ("generate", "bf16", 16), ("train", "tf32", 16), ("generate", "fp32", 16),
              ("train", "bf16", 4), ("train", "fp32", 16)],
-    "cpu": [("train", "fp32", 4), ("generate", "fp32", 4), ("train", "bf16", 4)],  # every line, kept short for CI
+    # every line, kept short for CI (fp32 training on the CPU: tests/test_benchmark.py runs it)
+    "cpu": [("train", "bf16", 4), ("generate", "fp32", 4)],
 }
 
 

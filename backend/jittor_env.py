@@ -88,6 +88,12 @@ def prepare():
     use_gpu = gpu_visible()
     if not use_gpu:
         os.environ.setdefault("nvcc_path", "")
+        # At import Jittor imports PyTorch (compile_extern.py, FIX_TORCH_ERROR: a guard against
+        # their MKL builds clashing should the program import PyTorch later): measured here 1.8 s
+        # and 190 MB in every process, for scripts that never touch PyTorch. On the CPU build with
+        # Debian's oneDNN, PyTorch imported after Jittor works (tests/test_runtime.py); on a GPU
+        # Jittor keeps its own default, as there it is untested. FIX_TORCH_ERROR=1 restores it.
+        os.environ.setdefault("FIX_TORCH_ERROR", "0")
     if os.environ.get("use_mkl", "1") == "1" and not link_system_onednn(jittor_home()):
         os.environ["use_mkl"] = "0"
         print("warning: oneDNN not found (install Debian's libdnnl-dev: `make setup` does it); "
