@@ -200,7 +200,9 @@ def download_from_hub(repo_id, revision=None):
             raise
         raise ValueError(f"{where}: {e}") from None
     except Exception as e:  # a repo that does not exist, a private one without HF_TOKEN, a network error
-        raise RuntimeError(f"{where}: could not be fetched from the Hugging Face hub ({constants.ENDPOINT}): "
+        hint = ("; a private or gated repo needs a token: set HF_TOKEN (or run `hf auth login`)"
+                if type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError") else "")
+        raise RuntimeError(f"{where}: could not be fetched from the Hugging Face hub ({constants.ENDPOINT}){hint}: "
                            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     return config_file.parent
 

@@ -187,3 +187,103 @@ def test_seed_commands_with_a_hub_model(hub, tmp_path):
     ref = answer_questions(model, tok, qs, max_new_tokens=6, max_length=128, progress=False)
     print(f"interactive answers {streamed[:3]}; answer_questions {list(ref.values())}")
     assert streamed[:3] == list(ref.values()) and r.stdout.count("Paste a context") == 2
+
+
+class Mirror:
+    """A hub mirror on 127.0.0.1 that answers huggingface_hub's HEAD and GET requests for
+    /<repo>/resolve/<revision>/<file> from {repo: {name: bytes}}, as the hub does (X-Repo-Commit,
+    ETag, Content-Length; 404 with X-Error-Code EntryNotFound for a missing file). Its private
+    repos answer only a request that carries `Authorization: Bearer <token>` (else 401, as
+    the hub answers a private repo without a token); every request is recorded."""
+
+    def __init__(self, repos, private=(), token=None, commit="2" * 40):
+        import hashlib
+        import http.server
+        import re
+        import threading
+        self.requests = []
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self, body):
+                m = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", self.path)
+                mirror.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                repo, name = (m.group(1), m.group(3)) if m else (None, None)
+                if repo not in repos or repo in private and self.headers.get("Authorization") != f"Bearer {token}":
+                    self.send_response(401 if repo in private else 404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = repos[repo].get(name)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("X-Repo-Commit", commit)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", commit)
+                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self.answer(False)
+
+            def do_GET(self):
+                self.answer(True)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_hf_endpoint_and_hf_token_are_honoured(tmp_path):
+    """Online through a mirror (HF_ENDPOINT) into a fresh cache (HF_HOME): a private repo is
+    fetched with HF_TOKEN sent on every request, and refused without it with an error naming
+    the repo and the mirror. huggingface_hub's own code does the requests."""
+    folder = save_hf_model(make_hf_model("tiny", seed=4), tmp_path / "model")
+    files = {name: Path(path).read_bytes() for name, path in hub_model_files(folder).items()}
+    token = "hf_" + "t" * 30
+    mirror = Mirror({"someone/private-gpt2": files}, private={"someone/private-gpt2"}, token=token)
+    code = ("import json\nfrom model_utils import resolve_model\n"
+            "try:\n    p = resolve_model('someone/private-gpt2')\n    print('OK', p)\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    try:
+        with_token = run_python(code, {**env, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": mirror.url,
+                                       "HF_TOKEN": token})
+        asked = list(mirror.requests)
+        mirror.requests.clear()
+        without = run_python(code, {**env, "HF_HOME": str(tmp_path / "hf2"), "HF_ENDPOINT": mirror.url})
+    finally:
+        mirror.close()
+    assert with_token.returncode == 0 and without.returncode == 0, with_token.stderr + without.stderr
+    print(f"\nwith HF_TOKEN: {with_token.stdout.strip()}\n  {len(asked)} requests to {mirror.url}: "
+          + ", ".join(f"{m} {p.rsplit('/', 1)[1]}{'' if a else ' (no token)'}" for m, p, a in asked)
+          + f"\nwithout: {without.stdout.strip()}")
+    snapshot = Path(with_token.stdout.split(maxsplit=1)[1].strip())
+    assert with_token.stdout.startswith("OK ") and snapshot.is_relative_to(tmp_path / "hf" / "hub")
+    # what resolve_model asks for (config, weights, tokenizer files), byte for byte; the repo has
+    # no tokenizer.json (a 404 that is no error) and generation_config.json is not needed
+    wanted = {name: data for name, data in files.items() if name != "generation_config.json"}
+    assert {p.name: p.read_bytes() for p in snapshot.iterdir()} == wanted
+    # (huggingface_hub 2.4 also asks the endpoint for /api/agent-harnesses, with no token)
+    asked = [a for a in asked if "/resolve/" in a[1]]
+    assert asked and all(auth == f"Bearer {token}" for _, _, auth in asked)
+    assert {p.rsplit("/", 1)[1] for m, p, _ in asked if m == "GET"} == set(wanted)
+    assert ("HEAD", "/someone/private-gpt2/resolve/main/tokenizer.json", f"Bearer {token}") in asked
+    assert without.stdout.startswith(f"RuntimeError someone/private-gpt2: could not be fetched from the Hugging "
+                                     f"Face hub ({mirror.url}); a private or gated repo needs a token: set "
+                                     f"HF_TOKEN"), without.stdout
