@@ -126,7 +126,8 @@ def load_tokenizer(model_dir=None):
 # The files of a GPT-2 repo on the hub that a run reads: the weights (safetensors first,
 # as transformers prefers them; the .bin only when a repo has no safetensors) and the
 # tokenizer, which may be absent (then the packaged GPT-2 BPE files serve, see load_tokenizer).
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# in the order transformers prefers them; an index names the shards of a sharded checkpoint
+HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_TOKENIZER = ("vocab.json", "merges.txt", "tokenizer.json")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -189,8 +190,13 @@ def download_from_hub(repo_id, revision=None):
         check_model_type(config_file, where)
         weights = next((w for w in map(fetch, HUB_WEIGHTS) if w is not None), None)
         if weights is None:
-            raise FileNotFoundError(f"{where}: neither {' nor '.join(HUB_WEIGHTS)} found (in the hub repo, or in the "
+            raise FileNotFoundError(f"{where}: none of {', '.join(HUB_WEIGHTS)} found (in the hub repo, or in the "
                                     f"cache {constants.HF_HUB_CACHE} when offline)")
+        if weights.name.endswith(".index.json"):  # a sharded checkpoint: every shard it names
+            for shard in shard_names(weights):
+                if fetch(shard) is None:
+                    raise FileNotFoundError(f"{where}: {shard}, a shard that {weights.name} names, is missing (in the "
+                                            f"hub repo, or in the cache {constants.HF_HUB_CACHE} when offline)")
         for name in HUB_TOKENIZER:
             fetch(name)
     except LocalEntryNotFoundError:  # (a FileNotFoundError, so before ours)
@@ -224,24 +230,56 @@ def check_model_type(config_file, where):
 
 
 def read_hf_weights(path):
-    """{name: np.ndarray} of a GPT-2 folder, and the file read: model.safetensors (no torch
-    needed) or pytorch_model.bin."""
-    st, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
-    if st.is_file():
-        return load_safetensors(st), st
-    if bin_file.is_file():
-        try:
-            import torch
-        except ImportError:
-            raise RuntimeError(f"{bin_file}: reading .bin weights needs PyTorch (pip install torch), "
-                               f"or convert the checkpoint to model.safetensors") from None
-        try:
-            # weights_only=True: a .bin is a pickle; never run code from a downloaded file.
-            sd = torch.load(bin_file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{bin_file}: cannot be read as PyTorch weights ({e})") from None
-        return {k: v.float().numpy() for k, v in sd.items()}, bin_file
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+    """{name: np.ndarray} of a GPT-2 folder, and the file read, as transformers looks for them:
+    model.safetensors (no torch needed), a sharded model.safetensors.index.json, then
+    pytorch_model.bin or its index (these need PyTorch)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        f = path / name
+        if f.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (or a sharded "
+                                f"*.index.json) in this folder")
+    if not name.endswith(".index.json"):
+        return read_weights_file(f), f
+    state = {}
+    for shard in shard_names(f):
+        if not (path / shard).is_file():
+            raise FileNotFoundError(f"{path / shard}: missing; {f.name} names it as a shard of the weights")
+        state.update(read_weights_file(path / shard))
+    return state, f
+
+
+def shard_names(index_file):
+    """The shard files of a sharded checkpoint's *.index.json ({"weight_map": {tensor: file}})."""
+    try:
+        weight_map = json.loads(Path(index_file).read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index_file}: not a checkpoint index (a JSON object with a weight_map of tensor names to "
+                         f"shard files): {type(e).__name__}: {e}") from None
+    for n in names:
+        if not isinstance(n, str) or Path(n).name != n:  # a plain file name beside the index, nothing else
+            raise ValueError(f"{index_file}: shard {n!r} is not a file name in this folder")
+    return names
+
+
+def read_weights_file(f):
+    """{name: np.ndarray} of one .safetensors or PyTorch .bin file."""
+    if f.suffix == ".safetensors":
+        return load_safetensors(f)
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(f"{f}: reading .bin weights needs PyTorch (pip install torch), "
+                           f"or convert the checkpoint to model.safetensors") from None
+    try:
+        # weights_only=True: a .bin is a pickle; never run code from a downloaded file.
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{f}: cannot be read as PyTorch weights ({e})") from None
+    return {k: v.float().numpy() for k, v in sd.items()}
 
 
 # Buffers in Hugging Face checkpoints that are not weights, and the tied LM head.

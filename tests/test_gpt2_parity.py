@@ -137,6 +137,43 @@ def test_save_pretrained_round_trip_loads_in_transformers(hf_checkpoints, tmp_pa
     assert diff <= 1e-4
 
 
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_sharded_checkpoint_loads_as_the_single_file(tmp_path, safe):
+    """A checkpoint transformers writes in shards (model.safetensors.index.json +
+    model-0000k-of-0000n.safetensors, or the .bin ones) loads with the same weights as the
+    single file; a shard the index names but that is missing, or a bad index, names the file."""
+    import shutil
+    hf = make_hf_model("tiny")
+    hf.save_pretrained(str(tmp_path / "one"))
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB", safe_serialization=safe)
+    index = tmp_path / "sharded" / ("model.safetensors.index.json" if safe else "pytorch_model.bin.index.json")
+    if not index.is_file():  # transformers 5 writes safetensors only: shard the .bin ourselves, as 4.x did
+        assert not safe
+        shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+        from safetensors.torch import load_file
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            part = load_file(str(shard))
+            name = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+            torch.save(part, tmp_path / "sharded" / name)
+            weight_map.update({k: name for k in part})
+            shard.unlink()
+        (tmp_path / "sharded" / "model.safetensors.index.json").unlink()
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    a, b = GPT.from_pretrained(tmp_path / "one"), GPT.from_pretrained(tmp_path / "sharded")
+    diff = max(float(np.abs(x.numpy() - y.numpy()).max()) for x, y in zip(a.parameters(), b.parameters()))
+    print(f"\n{len(shards)} shards ({index.name}) vs model.safetensors: max |weight diff| {diff}")
+    assert len(shards) >= 2 and diff == 0.0
+    shutil.copytree(tmp_path / "sharded", tmp_path / "broken")
+    (tmp_path / "broken" / shards[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{shards[-1]}: missing; {index.name} names it as a shard"):
+        GPT.from_pretrained(tmp_path / "broken")
+    (tmp_path / "broken" / index.name).write_text(json.dumps({"weight_map": {"wte.weight": "../../etc/passwd"}}))
+    with pytest.raises(ValueError, match=r"shard '../../etc/passwd' is not a file name in this folder"):
+        GPT.from_pretrained(tmp_path / "broken")
+
+
 # --- bad inputs: clear errors that name the problem ---------------------------
 
 def test_missing_folder_config_and_weights(tmp_path):

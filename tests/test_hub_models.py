@@ -6,6 +6,7 @@ checkpoints that transformers writes, under two names and two sizes, and runs ev
 resolution in a fresh process with HF_HOME pointing there and HF_HUB_OFFLINE=1 (the
 variables huggingface_hub reads when it is imported). No mocks.
 """
+import ast
 import copy
 import json
 import os
@@ -287,3 +288,29 @@ def test_hf_endpoint_and_hf_token_are_honoured(tmp_path):
     assert without.stdout.startswith(f"RuntimeError someone/private-gpt2: could not be fetched from the Hugging "
                                      f"Face hub ({mirror.url}); a private or gated repo needs a token: set "
                                      f"HF_TOKEN"), without.stdout
+
+
+def test_a_sharded_repo_is_fetched_shard_by_shard(tmp_path):
+    """A repo whose weights are model.safetensors.index.json + shards: resolve_model fetches the
+    index and every shard it names (offline, from a hub-layout cache); the model loads them
+    with the weights of the single file. A cache missing one shard is an error naming it."""
+    hf = make_hf_model("tiny", seed=5)
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    files = hub_model_files(tmp_path / "sharded")
+    shards = sorted(n for n in files if n.startswith("model-"))
+    write_hub_cache(tmp_path / "hf" / "hub", "someone/sharded-gpt2", files)
+    write_hub_cache(tmp_path / "hf" / "hub", "someone/broken-gpt2", {k: v for k, v in files.items() if k != shards[0]})
+    save_hf_model(hf, tmp_path / "one")
+    code = ("import numpy as np\nfrom GPT2_jittor import GPT\nfrom model_utils import resolve_model\n"
+            f"one = GPT.from_pretrained({str(tmp_path / 'one')!r})\n"
+            "m = GPT.from_pretrained('someone/sharded-gpt2')\n"
+            "print(sorted(p.name for p in resolve_model('someone/sharded-gpt2').iterdir()))\n"
+            "print(max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(one.parameters(), m.parameters())))\n"
+            "try:\n    resolve_model('someone/broken-gpt2')\nexcept FileNotFoundError as e:\n    print(e)\n")
+    r = run_python(code, offline_env(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    listed, diff, error = r.stdout.strip().splitlines()[-3:]
+    print(f"\n{len(shards)} shards fetched; max |weight diff| to the single file {diff}\n{error}")
+    assert ast.literal_eval(listed) == sorted(files) and float(diff) == 0.0  # the snapshot: what the cache holds
+    assert error.startswith(f"someone/broken-gpt2: {shards[0]}, a shard that model.safetensors.index.json names, "
+                            f"is missing")
