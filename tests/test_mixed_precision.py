@@ -129,6 +129,30 @@ def test_half_stores_only_frozen_base_weights_in_half_and_training_keeps_lora_an
     assert dtypes(base) == want
 
 
+def test_half_keeps_a_modules_to_save_copy_fp32_and_trains_it():
+    """modules_to_save's trainable copy of a Conv1D is a trained weight, not a frozen base one:
+    in bf16 it stays float32 (AdamW's update, the saved adapter), the frozen base goes half."""
+    model = small_lora_model(target_modules=["c_attn", "c_proj"], modules_to_save=["h.0.mlp.c_fc"])
+    runtime.prepare(model, "cpu", "bf16")
+    saved = {k: v for k, v in model.lora_state_dict().items() if k.startswith("modules_to_save.")}
+    assert sorted(saved) == ["modules_to_save.h.0.mlp.c_fc.bias", "modules_to_save.h.0.mlp.c_fc.weight"]
+    assert set(dtypes(model.lora_state_dict()).values()) == {"float32"}
+    base = {n: p for n, p in model.model.hf_state_dict().items() if not n.startswith("h.0.mlp.c_fc")}
+    assert dtypes(base)["h.1.mlp.c_fc.weight"] == dtypes(base)["h.0.attn.c_attn.weight"] == "bfloat16"
+    before = {k: v.numpy().copy() for k, v in saved.items()}
+    opt = jt.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    ids = np.random.default_rng(0).integers(0, 100, (2, 8)).astype(np.int32)
+    targets = np.where(np.arange(8) >= 5, np.roll(ids, -1, 1), IGNORE_INDEX).astype(np.int32)
+    _, loss = model(jt.array(ids), jt.array(targets))
+    opt.step(loss)
+    moved = {k: float(np.abs(v.numpy() - before[k]).max()) for k, v in saved.items()}
+    grads = sorted(set(str(g.dtype) for g in opt.param_groups[0]["grads"]))
+    print(f"\nbf16, modules_to_save h.0.mlp.c_fc: its copy {sorted(set(dtypes(saved).values()))}, moved by "
+          f"{max(moved.values()):.1e}; gradients {grads}; loss {loss.item():.4f}")
+    assert min(moved.values()) > 0 and grads == ["float32"] and np.isfinite(loss.item())
+    assert set(dtypes(saved).values()) == {"float32"}
+
+
 @pytest.mark.parametrize("precision", HALF)
 def test_merge_in_half_keeps_the_weight_dtype_and_the_adapter(precision):
     """merge() folds the float32 adapter into the half weight and stores it back in half: the
