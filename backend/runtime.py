@@ -173,10 +173,11 @@ def prepare(model, device="auto", precision="auto", fused=None):
 def cast_base_weights(model, dtype):
     """Store the base weights that feed matmuls (Conv1D / LoRALinear weight and bias, the token
     and position embeddings) in `dtype`, in place (the Vars keep their stop_grad). LayerNorm
-    and the LoRA A/B weights are not touched: they stay float32. Nor is a trainable weight of
-    these modules (modules_to_save's copy of a Conv1D): like LoRA's, AdamW updates it in float32;
+    and the LoRA A/B weights are not touched: they stay float32. Nor is a weight that a LoRAGPT's
+    adapter trains (modules_to_save's copy of a Conv1D): like LoRA's, AdamW updates it in float32;
     its matmul then runs in float32 (a Conv1D casts its input to its weight's dtype) and the next
     half layer casts back."""
+    trained = {id(v) for v in getattr(model, "lora_state_dict", dict)().values()}  # a LoRAGPT's adapter
     for m in model.modules():
         if isinstance(m, (Conv1D, LoRALinear)):
             params = (m.weight, m.bias)
@@ -185,7 +186,7 @@ def cast_base_weights(model, dtype):
         else:
             continue
         for p in params:
-            if p.dtype != dtype and (dtype == "float32" or p.is_stop_grad()):
+            if p.dtype != dtype and (dtype == "float32" or id(p) not in trained):
                 p.assign(rounded(p, dtype))
 
 
