@@ -123,10 +123,10 @@ def load_tokenizer(model_dir=None):
     return GPT2TokenizerFast.from_pretrained(str(folder))
 
 
-# The files of a GPT-2 repo on the hub that a run reads: the weights (safetensors first,
-# as transformers prefers them; the .bin only when a repo has no safetensors) and the
+# The files of a GPT-2 checkpoint that a run reads, from a folder or a hub repo: the weights,
+# the first of HUB_WEIGHTS present (safetensors first, as transformers prefers them; the .bin
+# only without safetensors; an *.index.json names the shards of a sharded checkpoint), and the
 # tokenizer, which may be absent (then the packaged GPT-2 BPE files serve, see load_tokenizer).
-# in the order transformers prefers them; an index names the shards of a sharded checkpoint
 HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_TOKENIZER = ("vocab.json", "merges.txt", "tokenizer.json")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -233,15 +233,11 @@ def read_hf_weights(path):
     """{name: np.ndarray} of a GPT-2 folder, and the file read, as transformers looks for them:
     model.safetensors (no torch needed), a sharded model.safetensors.index.json, then
     pytorch_model.bin or its index (these need PyTorch)."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json"):
-        f = path / name
-        if f.is_file():
-            break
-    else:
+    f = next((path / name for name in HUB_WEIGHTS if (path / name).is_file()), None)
+    if f is None:
         raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (or a sharded "
                                 f"*.index.json) in this folder")
-    if not name.endswith(".index.json"):
+    if not f.name.endswith(".index.json"):
         return read_weights_file(f), f
     state = {}
     for shard in shard_names(f):
