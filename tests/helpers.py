@@ -159,3 +159,11 @@ def hub_model_files(folder):
     from model_utils import gpt2_bpe_files
     vocab, merges = gpt2_bpe_files()
     return {**{p.name: p for p in Path(folder).iterdir() if p.is_file()}, "vocab.json": vocab, "merges.txt": merges}
+
+
+def tensorboard_scalars(folder):
+    """{tag: [(step, value)]} as TensorBoard itself reads the event files (purges included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

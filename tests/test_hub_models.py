@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import hub_model_files, make_hf_model, measured, norm_err, save_hf_model, write_hub_cache, write_sample_split
+from helpers import (hub_model_files, make_hf_model, measured, norm_err, save_hf_model, tensorboard_scalars,
+                     write_hub_cache, write_sample_split)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two names, two sizes (tiny, so that the test is fast; the names are what a user types).
@@ -110,14 +111,6 @@ def test_local_folder_wins_and_missing_paths_are_not_hub_ids(tmp_path):
     assert resolve_model(tmp_path / "gpt2") == tmp_path / "gpt2"
     assert [is_hub_id(n) for n in ("gpt2-medium", "openai-community/gpt2-large", "./x", "/a/b", "a/b/c")] == \
         [True, True, False, False, False]
-
-
-def tensorboard_scalars(folder):
-    """{tag: [(step, value)]} as TensorBoard itself reads the event files (purges included)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(folder))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.mark.slow

@@ -21,8 +21,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gpt2_lora_dataset import SHARED_SQUAD
-from helpers import norm_err
-from test_hub_models import tensorboard_scalars
+from helpers import norm_err, tensorboard_scalars
 from training.train_config import TrainConfig, UsageError
 from train_default_lora import train
 

@@ -6,8 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import measured, write_sample_split
-from test_hub_models import tensorboard_scalars
+from helpers import measured, tensorboard_scalars, write_sample_split
 from train_default_lora import train
 from training.tensorboard_log import TensorBoardLog
 from training.train_config import TrainConfig
