@@ -88,6 +88,14 @@ def small_lora_model(seed=0, **lora):
     return model
 
 
+def answer_batch(seed=0, first_target=5):
+    """(ids, targets) of 2 rows of 8 tokens, the next token a target from position
+    `first_target` on (as in an answer), jt Vars."""
+    ids = np.random.default_rng(seed).integers(0, 100, (2, 8)).astype(np.int32)
+    targets = np.where(np.arange(8) >= first_target, np.roll(ids, -1, 1), IGNORE_INDEX).astype(np.int32)
+    return jt.array(ids), jt.array(targets)
+
+
 @pytest.mark.parametrize("precision", HALF)
 def test_half_stores_only_frozen_base_weights_in_half_and_training_keeps_lora_and_adamw_fp32(precision):
     model = small_lora_model(dropout=0.1)
@@ -109,10 +117,8 @@ def test_half_stores_only_frozen_base_weights_in_half_and_training_keeps_lora_an
     frozen = {n: p.numpy().copy() for n, p in base.items()}
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     lora_before = [p.numpy().copy() for p in model.trainable_parameters()]
-    ids = np.random.default_rng(0).integers(0, 100, (2, 8)).astype(np.int32)
-    targets = np.where(np.arange(8) >= 5, np.roll(ids, -1, 1), IGNORE_INDEX).astype(np.int32)
     model.train()
-    logits, loss = model(jt.array(ids), jt.array(targets))
+    logits, loss = model(*answer_batch())
     opt.step(loss)
     pg = opt.param_groups[0]
     states = {"logits": logits, "loss": loss, **{f"grad {i}": g for i, g in enumerate(pg["grads"])},
@@ -141,9 +147,7 @@ def test_half_keeps_a_modules_to_save_copy_fp32_and_trains_it():
     assert dtypes(base)["h.1.mlp.c_fc.weight"] == dtypes(base)["h.0.attn.c_attn.weight"] == "bfloat16"
     before = {k: v.numpy().copy() for k, v in saved.items()}
     opt = jt.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    ids = np.random.default_rng(0).integers(0, 100, (2, 8)).astype(np.int32)
-    targets = np.where(np.arange(8) >= 5, np.roll(ids, -1, 1), IGNORE_INDEX).astype(np.int32)
-    _, loss = model(jt.array(ids), jt.array(targets))
+    _, loss = model(*answer_batch())
     opt.step(loss)
     moved = {k: float(np.abs(v.numpy() - before[k]).max()) for k, v in saved.items()}
     grads = sorted(set(str(g.dtype) for g in opt.param_groups[0]["grads"]))
@@ -202,9 +206,7 @@ def test_every_matmul_has_inputs_of_one_dtype_forward_and_backward(monkeypatch, 
     model = runtime.prepare(small_lora_model(dropout=0.1), "cpu", precision)
     calls = recording_matmul(monkeypatch)
     model.train()
-    ids = np.random.default_rng(1).integers(0, 100, (2, 8)).astype(np.int32)
-    targets = np.where(np.arange(8) >= 4, np.roll(ids, -1, 1), IGNORE_INDEX).astype(np.int32)
-    _, loss = model(jt.array(ids), jt.array(targets), attention_mask=jt.array(np.ones((2, 8), np.int32)))
+    _, loss = model(*answer_batch(seed=1, first_target=4), attention_mask=jt.array(np.ones((2, 8), np.int32)))
     outs = [out for *_, out in calls]
     grads = jt.grad(loss, outs)
     forward = {(a, b) for a, b, _ in calls}
