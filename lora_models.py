@@ -715,7 +715,7 @@ def read_adapter_config(path):
         bad("lora_dropout", "a number in [0, 1)")
 
     def names(v, regex_ok=True):  # a list of names, or a regular expression
-        return (regex_ok and isinstance(v, str) and is_regex(v)) or (isinstance(v, list) and all(isinstance(t, str) and t for t in v))
+        return (regex_ok and isinstance(v, str) and compiles_as_regex(v)) or (isinstance(v, list) and all(isinstance(t, str) and t for t in v))
     if not (names(config["target_modules"]) and config["target_modules"]):
         bad("target_modules", "a non-empty list of module names or a regular expression")
     for key, ok, words in (("exclude_modules", names, "a list of module names or a regular expression"),
@@ -740,7 +740,7 @@ def read_adapter_config(path):
     return config
 
 
-def is_regex(text):
+def compiles_as_regex(text):
     try:
         re.compile(text)
         return True

@@ -217,6 +217,8 @@ REGEX_CHARS = set("*+?()[]{}|^$\\")
 
 
 def is_regex(text):
+    """Whether a command-line value is meant as a regular expression (lora_models checks that
+    an adapter_config.json pattern compiles: compiles_as_regex)."""
     return bool(REGEX_CHARS & set(text))
 
 
